@@ -1,0 +1,66 @@
+"""A tiny DI-MaskDINO that trains on 2 CPU cores on the synthetic shapes dataset (the embedded default).
+
+Same architecture as the R50 config (DI, BATO, DN, two-stage selection, mask2box), scaled down: ResNet-18 at
+quarter width, hidden 64, 2 encoder / 3 decoder layers, 4 feature levels, 128 x 128 canvas, k1 = 60, k2 = 20.
+`python train.py --config configs/shapes.py --workdir runs/shapes` writes and prepares the dataset if missing.
+"""
+
+from configs import dimaskdino_r50_coco
+
+
+def get_config(arg=None):
+  del arg
+  c = dimaskdino_r50_coco.get_config('12ep')
+  c.name = 'shapes'
+  m = c.model
+  m.num_classes = 3  # circle, square, triangle
+  m.hidden_dim = 64  # transformer width
+  m.backbone.depth = 18  # BasicBlock ResNet
+  m.backbone.stem_width = 16  # stem channels
+  m.backbone.width = 16  # res2 width; res3..res5 = 32, 64, 128
+  m.backbone.res2_out_channels = 16  # BasicBlock: res2 out = width
+  m.encoder.num_layers = 2
+  m.encoder.ffn_dim = 256
+  m.encoder.num_heads = 4
+  m.encoder.num_groups = 16  # GroupNorm groups (channels must divide)
+  m.decoder.num_layers = 3
+  m.decoder.ffn_dim = 256
+  m.decoder.num_heads = 4
+  m.decoder.num_queries = 20  # k2
+  m.di.selection_ks = (60, 20)  # (k1, k2)
+  m.bato.num_guiding_tokens = 10
+  m.dn.num = 30  # DN slots
+
+  c.loss.num_points = 1024  # point-sampled mask losses on 32 x 32 mask maps
+  c.matcher.num_points = 1024
+
+  o = c.optim
+  o.lr = 4e-4  # a tiny model from scratch tolerates a larger lr
+  o.backbone_multiplier = 1.0  # no ImageNet init: the backbone learns at the full rate
+  o.clip_norm = 0.1
+  o.lr_drop_steps = (1600,)
+  o.warmup_steps = 50
+  o.warmup_factor = 0.1
+
+  t = c.train
+  t.num_steps = 1800
+  t.batch_size = 8
+  t.log_every = 50
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 2
+
+  d = c.data
+  d.name = 'shapes'
+  d.data_dir = 'data_cache'  # the dataset is generated here on first use
+  d.train_transform = 'resize'
+  d.image_size = 128
+  d.random_flip = True
+  d.max_instances = 8
+  d.mask_stride = 1
+  d.num_workers = 0
+  d.test_short_edge = 128
+  d.test_max_size = 128
+  d.eval_canvases = ((128, 128),)
+
+  c.eval.batch_size = 16
+  return c

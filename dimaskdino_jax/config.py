@@ -1,0 +1,169 @@
+"""Loading and validating ml_collections configs (`configs/NAME.py[:variant]`).
+
+Every config is validated when loaded: impossible combinations fail with a ConfigError naming the file and
+the field. `load_config('configs/shapes.py')` or `load_config('configs/dimaskdino_r50_coco.py:24ep')`.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+FORMULATIONS = ('official', 'paper')
+GUIDANCES = ('decoder0', 'T_i', 'T_s1', 'T_s2', 'Q_bal')
+BOX_INITS = ('mask2box', 'bitmask', 'none')
+DN_MODES = ('seg', 'none')
+MSDA_IMPLS = ('auto', 'xla', 'pallas')
+DEPTHS = (18, 34, 50, 101)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the file and the field."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Imports `path.py` (optionally `path.py:variant`), calls get_config(variant) and validates the result."""
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'{path}: config file not found')
+  module_spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path}: defines no get_config(arg=None)')
+  config = module.get_config(variant or None)
+  validate(config, source=spec)
+  return config
+
+
+def _require(ok, source, field, message):
+  if not ok:
+    raise ConfigError(f'{source}: {field}: {message}')
+
+
+def token_count(canvas_hw, total_levels=4, first_stride=8) -> int:
+  """Encoder tokens for a canvas: levels at strides 8, 16, 32 (, 64, ...), each ceil-halved like a conv."""
+  h, w = canvas_hw
+  h, w = -(-h // first_stride), -(-w // first_stride)
+  total = 0
+  for _ in range(total_levels):
+    total += h * w
+    h, w = -(-h // 2), -(-w // 2)
+  return total
+
+
+def validate(config, source='<config>') -> None:
+  """Raises ConfigError for any impossible combination."""
+  m = config.model
+  _require(
+    m.formulation in FORMULATIONS,
+    source,
+    'model.formulation',
+    f'unknown formulation {m.formulation!r}; choose one of {FORMULATIONS}',
+  )
+  _require(m.msda_impl in MSDA_IMPLS, source, 'model.msda_impl', f'{m.msda_impl!r} not in {MSDA_IMPLS}')
+  _require(m.num_classes >= 1, source, 'model.num_classes', 'must be >= 1')
+  _require(m.backbone.depth in DEPTHS, source, 'model.backbone.depth', f'{m.backbone.depth} not in {DEPTHS}')
+  _require(0 <= m.backbone.freeze_at <= 5, source, 'model.backbone.freeze_at', 'must be in 0..5')
+  _require(m.backbone.dtype in ('float32', 'bfloat16'), source, 'model.backbone.dtype', 'float32 or bfloat16')
+  hd = m.hidden_dim
+  _require(hd % 2 == 0, source, 'model.hidden_dim', 'must be even (sine embeddings)')
+  for name in ('encoder', 'decoder'):
+    heads = m[name].num_heads
+    _require(hd % heads == 0, source, f'model.{name}.num_heads', f'hidden_dim {hd} not divisible by {heads}')
+  _require(
+    hd % m.encoder.num_groups == 0,
+    source,
+    'model.encoder.num_groups',
+    f'hidden_dim {hd} not divisible by {m.encoder.num_groups} GroupNorm groups',
+  )
+  _require(
+    list(m.encoder.in_features) == ['res3', 'res4', 'res5'],
+    source,
+    'model.encoder.in_features',
+    'only (res3, res4, res5) is supported',
+  )
+  _require(
+    m.encoder.total_num_feature_levels >= 3, source, 'model.encoder.total_num_feature_levels', 'must be >= 3'
+  )
+  _require(m.encoder.common_stride == 4, source, 'model.encoder.common_stride', 'only 4 is supported')
+  _require(m.decoder.num_layers >= 1, source, 'model.decoder.num_layers', 'must be >= 1')
+  _require(m.decoder.box_init in BOX_INITS, source, 'model.decoder.box_init', f'choose one of {BOX_INITS}')
+  _require(m.dn.mode in DN_MODES, source, 'model.dn.mode', f'choose one of {DN_MODES}')
+  ks = tuple(m.di.selection_ks)
+  _require(len(ks) >= 1, source, 'model.di.selection_ks', 'needs at least one selection')
+  _require(
+    ks[-1] == m.decoder.num_queries,
+    source,
+    'model.di.selection_ks',
+    f'the last selection ({ks[-1]}) must equal model.decoder.num_queries ({m.decoder.num_queries})',
+  )
+  for i in range(1, len(ks)):
+    _require(
+      ks[i] <= ks[i - 1],
+      source,
+      'model.di.selection_ks',
+      f'k{i + 1} = {ks[i]} > k{i} = {ks[i - 1]}: a selection cannot keep more tokens than it is given',
+    )
+  if m.di.enabled:
+    _require(len(ks) >= 2, source, 'model.di.selection_ks', 'DI needs two or more selections (k1, k2)')
+    _require(
+      m.di.ti_layers >= 1, source, 'model.di.ti_layers', 'DI needs at least one token-interaction layer'
+    )
+  else:
+    _require(
+      len(ks) == 1,
+      source,
+      'model.di.selection_ks',
+      'with DI off there is a single selection: set selection_ks = (num_queries,)',
+    )
+  if m.bato.enabled:
+    _require(m.bato.guidance in GUIDANCES, source, 'model.bato.guidance', f'choose one of {GUIDANCES}')
+    _require(
+      0 <= m.bato.layer < m.decoder.num_layers,
+      source,
+      'model.bato.layer',
+      f'must be a decoder layer index < {m.decoder.num_layers}',
+    )
+    _require(
+      m.bato.layer >= 1 or m.bato.guidance != 'decoder0',
+      source,
+      'model.bato.layer',
+      "guidance 'decoder0' needs bato.layer >= 1",
+    )
+    _require(
+      m.bato.num_guiding_tokens <= m.decoder.num_queries,
+      source,
+      'model.bato.num_guiding_tokens',
+      f'{m.bato.num_guiding_tokens} > num_queries {m.decoder.num_queries}',
+    )
+    if m.bato.guidance in ('T_s1', 'T_s2', 'Q_bal'):
+      _require(m.di.enabled, source, 'model.bato.guidance', f'{m.bato.guidance!r} needs model.di.enabled')
+  _require(m.dn.num >= 0, source, 'model.dn.num', 'must be >= 0')
+  div = m.size_divisibility
+  d = config.data
+  canvases = [(d.image_size, d.image_size), *[tuple(c) for c in d.eval_canvases]]
+  for field, hw in zip(['data.image_size'] + ['data.eval_canvases'] * len(d.eval_canvases), canvases):
+    _require(
+      hw[0] % div == 0 and hw[1] % div == 0,
+      source,
+      field,
+      f'canvas {hw} is not divisible by {div} (model.size_divisibility)',
+    )
+    tokens = token_count(hw, m.encoder.total_num_feature_levels)
+    _require(
+      ks[0] <= tokens,
+      source,
+      'model.di.selection_ks',
+      f'k1 = {ks[0]} is larger than the {tokens} encoder tokens of canvas {hw} ({field})',
+    )
+  _require(d.mask_stride in (1, 2, 4, 8), source, 'data.mask_stride', 'must be 1, 2, 4 or 8')
+  _require(d.image_size % d.mask_stride == 0, source, 'data.mask_stride', 'must divide data.image_size')
+  _require(d.train_transform in ('lsj', 'resize'), source, 'data.train_transform', "'lsj' or 'resize'")
+  _require(config.train.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
+  _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
+  _require(config.loss.num_points >= 1, source, 'loss.num_points', 'must be >= 1')
+  _require(
+    0.0 <= config.loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]'
+  )
+  _require(config.loss.oversample_ratio >= 1.0, source, 'loss.oversample_ratio', 'must be >= 1')
