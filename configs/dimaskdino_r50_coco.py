@@ -81,7 +81,7 @@ def get_config(arg=None):
   ba = m.bato = ml_collections.ConfigDict()
   ba.enabled = True  # Balance-Aware Tokens Optimization
   ba.num_guiding_tokens = 50  # NUM_GUIDING_TOKENS
-  ba.guidance = 'decoder0'  # guiding queries: 'decoder0' (official: decoder layer-0 output), 'T_i', 'T_s1', 'T_s2', 'Q_bal'
+  ba.guidance = 'decoder0'  # guiding queries: decoder0 (official: layer-0 output), T_i, T_s1, T_s2, Q_bal
   ba.guiding_token_generation = True  # GTG: mask + box networks make the guiding tokens (off: raw queries)
   ba.layer = 1  # decoder layer before which BATO runs (hard-wired to 1 in the official code)
 
