@@ -19,18 +19,14 @@ SCHEDULES = {
 def get_config(arg=None):
   variant = arg or '12ep'
   if variant not in SCHEDULES:
-    raise ValueError(
-      f'configs/dimaskdino_r50_coco.py: unknown variant {variant!r}; choose one of {sorted(SCHEDULES)}'
-    )
+    raise ValueError(f'configs/dimaskdino_r50_coco.py: unknown variant {variant!r}; choose one of {sorted(SCHEDULES)}')
   max_iter, steps = SCHEDULES[variant]
   c = ml_collections.ConfigDict()
   c.name = f'dimaskdino_r50_coco_{variant}'
   c.seed = 0  # PRNG seed for init, data order, DN noise and point sampling
 
   m = c.model = ml_collections.ConfigDict()
-  m.formulation = (
-    'official'  # 'official' reproduces the official code (quirks included); 'paper' follows Eq. 1-11
-  )
+  m.formulation = 'official'  # 'official' reproduces the official code (quirks included); 'paper' follows Eq. 1-11
   m.num_classes = 80  # SEM_SEG_HEAD.NUM_CLASSES
   m.hidden_dim = 256  # HIDDEN_DIM (= CONVS_DIM = MASK_DIM)
   m.pixel_mean = (123.675, 116.28, 103.53)  # PIXEL_MEAN, RGB, 0-255 scale

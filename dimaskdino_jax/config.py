@@ -83,9 +83,7 @@ def validate(config, source='<config>') -> None:
     'model.encoder.in_features',
     'only (res3, res4, res5) is supported',
   )
-  _require(
-    m.encoder.total_num_feature_levels >= 3, source, 'model.encoder.total_num_feature_levels', 'must be >= 3'
-  )
+  _require(m.encoder.total_num_feature_levels >= 3, source, 'model.encoder.total_num_feature_levels', 'must be >= 3')
   _require(m.encoder.common_stride == 4, source, 'model.encoder.common_stride', 'only 4 is supported')
   _require(m.decoder.num_layers >= 1, source, 'model.decoder.num_layers', 'must be >= 1')
   _require(m.decoder.box_init in BOX_INITS, source, 'model.decoder.box_init', f'choose one of {BOX_INITS}')
@@ -107,9 +105,7 @@ def validate(config, source='<config>') -> None:
     )
   if m.di.enabled:
     _require(len(ks) >= 2, source, 'model.di.selection_ks', 'DI needs two or more selections (k1, k2)')
-    _require(
-      m.di.ti_layers >= 1, source, 'model.di.ti_layers', 'DI needs at least one token-interaction layer'
-    )
+    _require(m.di.ti_layers >= 1, source, 'model.di.ti_layers', 'DI needs at least one token-interaction layer')
   else:
     _require(
       len(ks) == 1,
@@ -163,7 +159,5 @@ def validate(config, source='<config>') -> None:
   _require(config.train.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
   _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
   _require(config.loss.num_points >= 1, source, 'loss.num_points', 'must be >= 1')
-  _require(
-    0.0 <= config.loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]'
-  )
+  _require(0.0 <= config.loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]')
   _require(config.loss.oversample_ratio >= 1.0, source, 'loss.oversample_ratio', 'must be >= 1')

@@ -56,6 +56,7 @@ class Predictions:
            In inference mode masks are computed for the last entry only (masks: (1, B, Q, Hm, Wm)).
   interm:  HeadOutputs of the encoder (two-stage) selection, (B, K, ...).
   di_aux:  HeadOutputs stacked over the token-interaction layers, (T, B, K, ...), masks None; None without DI.
+  di_aux_more: the same for later DI stages with three or more selections (token counts k2, k3, ...).
   dn:      HeadOutputs stacked like `layers` over the DN slots, (N, B, S, ...); None without DN.
   dn_info: DenoisingInfo or None.
   extras:  dict of intermediate tensors for analysis and parity tests (selected indices, DI/BATO tensors).
@@ -64,6 +65,7 @@ class Predictions:
   layers: HeadOutputs
   interm: HeadOutputs
   di_aux: HeadOutputs | None = None
+  di_aux_more: tuple = ()
   dn: HeadOutputs | None = None
   dn_info: DenoisingInfo | None = None
   extras: dict = flax.struct.field(default_factory=dict)

@@ -1,0 +1,131 @@
+"""detectron2 ResNet (`build_resnet_backbone`) with FrozenBatchNorm, returning res2..res5 (reference 1.2).
+
+NHWC. Bottleneck blocks (ResNet-50/101) put the stride on the 3x3 conv (STRIDE_IN_1X1=False); BasicBlocks
+(ResNet-18/34) on the first 3x3. FrozenBN statistics live in the non-trainable collection `frozen_bn` as
+(weight, bias, running_mean, running_var), so checkpoints convert as a table and nothing trains them.
+`freeze_at` k stops gradients after the stem (k >= 1) and after res2..res{k} (k >= 2), like detectron2.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dimaskdino_jax.modeling.layers import conv_padding
+
+STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+# c2_msra_fill: kaiming_normal(fan_out, relu) for every backbone conv.
+msra_fill = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class FrozenBatchNorm(nn.Module):
+  """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias with fixed buffers."""
+
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    w = self.variable('frozen_bn', 'weight', lambda: jnp.ones((c,), jnp.float32)).value
+    b = self.variable('frozen_bn', 'bias', lambda: jnp.zeros((c,), jnp.float32)).value
+    rm = self.variable('frozen_bn', 'running_mean', lambda: jnp.zeros((c,), jnp.float32)).value
+    rv = self.variable('frozen_bn', 'running_var', lambda: jnp.ones((c,), jnp.float32)).value
+    scale = w * jax.lax.rsqrt(rv + self.eps)
+    shift = b - rm * scale
+    return (x * scale.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
+
+
+class ConvNorm(nn.Module):
+  """detectron2 Conv2d(bias=False, norm=FrozenBN): params `conv`, frozen stats `norm`."""
+
+  features: int
+  kernel: int
+  stride: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(
+      self.features,
+      (self.kernel, self.kernel),
+      strides=(self.stride, self.stride),
+      padding=conv_padding(self.kernel),
+      use_bias=False,
+      kernel_init=msra_fill,
+      dtype=self.dtype,
+      name='conv',
+    )(x)
+    return FrozenBatchNorm(name='norm')(x)
+
+
+class BottleneckBlock(nn.Module):
+  bottleneck: int
+  out_channels: int
+  stride: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if x.shape[-1] != self.out_channels or self.stride != 1:
+      shortcut = ConvNorm(self.out_channels, 1, self.stride, self.dtype, name='shortcut')(x)
+    else:
+      shortcut = x
+    y = nn.relu(ConvNorm(self.bottleneck, 1, 1, self.dtype, name='conv1')(x))
+    y = nn.relu(ConvNorm(self.bottleneck, 3, self.stride, self.dtype, name='conv2')(y))
+    y = ConvNorm(self.out_channels, 1, 1, self.dtype, name='conv3')(y)
+    return nn.relu(y + shortcut)
+
+
+class BasicBlock(nn.Module):
+  bottleneck: int  # unused (signature shared with BottleneckBlock)
+  out_channels: int
+  stride: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if x.shape[-1] != self.out_channels or self.stride != 1:
+      shortcut = ConvNorm(self.out_channels, 1, self.stride, self.dtype, name='shortcut')(x)
+    else:
+      shortcut = x
+    y = nn.relu(ConvNorm(self.out_channels, 3, self.stride, self.dtype, name='conv1')(x))
+    y = ConvNorm(self.out_channels, 3, 1, self.dtype, name='conv2')(y)
+    return nn.relu(y + shortcut)
+
+
+def stage_channels(depth, width, res2_out_channels):
+  """(bottleneck, out) channels of res2..res5."""
+  if depth >= 50:
+    return [(width * 2**i, res2_out_channels * 2**i) for i in range(4)]
+  return [(res2_out_channels * 2**i, res2_out_channels * 2**i) for i in range(4)]
+
+
+class ResNet(nn.Module):
+  """images (B, H, W, 3) normalized float -> {'res2': (B, H/4, W/4, C2), ..., 'res5': (B, H/32, W/32, C5)}."""
+
+  depth: int = 50
+  stem_width: int = 64
+  width: int = 64
+  res2_out_channels: int = 256
+  freeze_at: int = 0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(self.dtype)
+    x = nn.relu(ConvNorm(self.stem_width, 7, 2, self.dtype, name='stem')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.freeze_at >= 1:
+      x = jax.lax.stop_gradient(x)
+    block = BottleneckBlock if self.depth >= 50 else BasicBlock
+    outs = {}
+    for s, (blocks, (bott, out)) in enumerate(
+      zip(STAGE_BLOCKS[self.depth], stage_channels(self.depth, self.width, self.res2_out_channels))
+    ):
+      for k in range(blocks):
+        stride = 2 if (k == 0 and s > 0) else 1
+        x = block(bott, out, stride, self.dtype, name=f'res{s + 2}_{k}')(x)
+      if self.freeze_at >= s + 2:
+        x = jax.lax.stop_gradient(x)
+      outs[f'res{s + 2}'] = x.astype(jnp.float32)
+    return outs

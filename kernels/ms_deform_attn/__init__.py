@@ -1,0 +1,107 @@
+"""Multi-scale deformable attention (Deformable DETR's `ms_deform_attn_core`), one signature, several impls.
+
+`ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl='auto')`
+
+* value: (N, S, M, D), S = sum of H_l * W_l, each level flattened row-major (h, w), levels concatenated in the
+  given order.
+* spatial_shapes: static ((H_0, W_0), ...) python ints (a numpy array is converted); never a traced value.
+* level_start_index: static offsets of each level in S, or None to derive them from spatial_shapes.
+* sampling_locations: (N, Lq, M, L, P, 2), normalized, last dim (x, y), (0, 0) the top-left corner of the map;
+  values outside [0, 1] are allowed (they sample zeros).
+* attention_weights: (N, Lq, M, L, P), already normalized by the caller.
+* returns (N, Lq, M * D) in value's dtype, heads concatenated in order; accumulation is float32.
+
+Semantics are torch `grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)` per level:
+pixel x = loc_x * W - 0.5, y = loc_y * H - 0.5, four neighbours, a neighbour outside the map contributes 0
+(reference section 7).
+
+impl: 'xla' (fast pure JAX, hand-written VJP), 'reference' (straightforward pure JAX, autodiff; the test
+oracle), 'pallas' (fused GPU kernel; not available yet), 'auto' ('pallas' on GPU when available, else 'xla').
+"""
+
+import jax
+import numpy as np
+
+from kernels.ms_deform_attn.reference import ms_deform_attn_reference
+from kernels.ms_deform_attn.xla import ms_deform_attn_xla
+
+__all__ = ['IMPLS', 'ms_deform_attn', 'ms_deform_attn_reference', 'ms_deform_attn_xla', 'normalize_shapes']
+
+IMPLS = ('auto', 'xla', 'reference', 'pallas')
+PALLAS_AVAILABLE = False
+
+# Jitted with the static level layout, so eager calls compile once per shape (and inline under an outer jit).
+_xla = jax.jit(ms_deform_attn_xla, static_argnums=(1, 2))
+_reference = jax.jit(ms_deform_attn_reference, static_argnums=(1, 2))
+
+
+def normalize_shapes(spatial_shapes, level_start_index=None):
+  """Returns (spatial_shapes, level_start_index) as tuples of python ints, checked for consistency."""
+  if isinstance(spatial_shapes, jax.core.Tracer):
+    raise TypeError(
+      'ms_deform_attn: spatial_shapes must be static (a tuple of (H, W) python ints or a numpy array), '
+      'not a traced jax value; pass it as a python constant or mark it static in jax.jit.'
+    )
+  try:
+    shapes = tuple((int(h), int(w)) for h, w in np.asarray(spatial_shapes).reshape(-1, 2).tolist())
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'ms_deform_attn: spatial_shapes must be ((H, W), ...) ints, got {spatial_shapes!r}') from e
+  if not shapes or any(h <= 0 or w <= 0 for h, w in shapes):
+    raise ValueError(f'ms_deform_attn: spatial_shapes must be a non-empty list of positive (H, W), got {shapes}')
+  starts = tuple(int(x) for x in np.cumsum([0] + [h * w for h, w in shapes[:-1]]))
+  if level_start_index is not None:
+    if isinstance(level_start_index, jax.core.Tracer):
+      raise TypeError('ms_deform_attn: level_start_index must be static (python ints or numpy), or None.')
+    given = tuple(int(x) for x in np.asarray(level_start_index).reshape(-1).tolist())
+    if given != starts:
+      raise ValueError(
+        f'ms_deform_attn: level_start_index {given} does not match spatial_shapes {shapes} '
+        f'(expected {starts}); levels must be concatenated in order without gaps.'
+      )
+  return shapes, starts
+
+
+def _check(value, shapes, starts, sampling_locations, attention_weights):
+  if value.ndim != 4:
+    raise ValueError(f'ms_deform_attn: value must be (N, S, M, D), got shape {value.shape}')
+  n, s, m, _ = value.shape
+  total = starts[-1] + shapes[-1][0] * shapes[-1][1]
+  if s != total:
+    raise ValueError(f'ms_deform_attn: value has S={s} tokens but spatial_shapes {shapes} sum to {total}')
+  nl = len(shapes)
+  if sampling_locations.ndim != 6 or sampling_locations.shape[-1] != 2:
+    raise ValueError(f'ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got {sampling_locations.shape}')
+  ln, lq, lm, ll, lp, _ = sampling_locations.shape
+  if (ln, lm, ll) != (n, m, nl):
+    raise ValueError(
+      f'ms_deform_attn: sampling_locations {sampling_locations.shape} does not match value {value.shape} '
+      f'and {nl} levels (need N={n}, M={m}, L={nl})'
+    )
+  if attention_weights.shape != (n, lq, m, nl, lp):
+    raise ValueError(
+      f'ms_deform_attn: attention_weights must be {(n, lq, m, nl, lp)} to match sampling_locations, '
+      f'got {attention_weights.shape}'
+    )
+
+
+def _resolve(impl):
+  if impl not in IMPLS:
+    raise ValueError(f'ms_deform_attn: impl must be one of {IMPLS}, got {impl!r}')
+  if impl == 'auto':
+    return 'pallas' if (PALLAS_AVAILABLE and jax.default_backend() == 'gpu') else 'xla'
+  return impl
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl='auto'):
+  """Multi-scale deformable attention; see the module docstring for shapes and semantics."""
+  shapes, starts = normalize_shapes(spatial_shapes, level_start_index)
+  _check(value, shapes, starts, sampling_locations, attention_weights)
+  impl = _resolve(impl)
+  if impl == 'xla':
+    return _xla(value, shapes, starts, sampling_locations, attention_weights)
+  if impl == 'reference':
+    return _reference(value, shapes, starts, sampling_locations, attention_weights)
+  raise NotImplementedError(
+    "ms_deform_attn: impl='pallas' is not available yet (the fused GPU kernel is still being written); "
+    "use impl='xla' or impl='auto'."
+  )
