@@ -1,0 +1,331 @@
+"""The training losses of DI-MaskDINO (`SetCriterion`, reference section 4.2, DN in section 3).
+
+`compute_losses(predictions, targets, rng, config)` matches every supervised set of predictions to the GT (all
+matchings of the step in one host callback, see matcher.py), computes the named loss terms of the official code
+and their weighted sum. Everything has static shapes and is jit- and grad-able.
+
+Terms (each normalized by num_masks = number of valid GT in the batch, clamped >= 1):
+  loss_ce    sigmoid focal loss (alpha, gamma) over all queries x classes, unmatched queries all-zero targets.
+             The official `sigmoid_focal_loss(...).mean(1).sum() / num_masks * n_queries` is exactly this sum.
+  loss_bbox  L1 on cxcywh over matched pairs.
+  loss_giou  1 - GIoU over matched pairs.
+  loss_mask  per matched pair, mean sigmoid BCE over importance-sampled points.
+  loss_dice  per matched pair, 1 - (2 sum(s t) + 1) / (sum(s) + sum(t) + 1) over the same points.
+Copies: no suffix (final layer), `_{i}` (aux i; i = 0 is the initial prediction), `_interm` (encoder selection),
+`_dn` / `_dn_{i}` (denoising, fixed assignment, normalized by num_masks * num_groups), `oldm_<term>_{i}` (DI
+token-interaction layer i, class + box only; with three or more selections, the layers of the later stages in
+`predictions.di_aux_more` continue the index i). The total is sum(weight * term) with the same weight for every
+copy: class_weight, box_weight, giou_weight (all x detection_weight_scale), mask_weight, dice_weight.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dimaskdino_jax import box_ops
+from dimaskdino_jax.losses import matcher, point_sampling
+from dimaskdino_jax.losses.point_sampling import point_sample, uncertain_point_coords
+from dimaskdino_jax.modeling.outputs import HeadOutputs
+
+BOX_TERMS = ('loss_ce', 'loss_bbox', 'loss_giou')
+MASK_TERMS = ('loss_mask', 'loss_dice')
+# A harmless box for padded / unmatched GT so that GIoU and its gradient stay finite where the weight is 0.
+_DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)
+
+
+def bce_with_logits(x, t):
+  """Elementwise binary cross-entropy with logits (torch `binary_cross_entropy_with_logits`), stable."""
+  return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
+  """Elementwise sigmoid focal loss (RetinaNet), logits and targets of the same shape -> same shape."""
+  x = logits.astype(jnp.float32)
+  t = targets.astype(jnp.float32)
+  p = jax.nn.sigmoid(x)
+  p_t = p * t + (1 - p) * (1 - t)
+  loss = bce_with_logits(x, t) * (1 - p_t) ** gamma
+  if alpha >= 0:
+    loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+  return loss
+
+
+def sigmoid_ce_loss(point_logits, point_labels):
+  """Mean BCE over points: (..., P) x (..., P) -> (...)."""
+  return jnp.mean(bce_with_logits(point_logits.astype(jnp.float32), point_labels.astype(jnp.float32)), axis=-1)
+
+
+def dice_loss(point_logits, point_labels):
+  """Dice loss per mask, 1 - (2 sum(s t) + 1) / (sum(s) + sum(t) + 1), s = sigmoid: (..., P) -> (...)."""
+  s = jax.nn.sigmoid(point_logits.astype(jnp.float32))
+  t = point_labels.astype(jnp.float32)
+  return 1 - (2 * jnp.sum(s * t, -1) + 1) / (jnp.sum(s, -1) + jnp.sum(t, -1) + 1)
+
+
+def box_loss_sums(pred_boxes, gt_boxes, weights):
+  """Weighted sums of L1 and 1 - GIoU over pairs: boxes (..., 4) cxcywh, weights (...) -> (l1, giou)."""
+  w = weights.astype(jnp.float32)
+  pred = pred_boxes.astype(jnp.float32)
+  gt = jnp.where(w[..., None] > 0, gt_boxes.astype(jnp.float32), jnp.asarray(_DUMMY_BOX, jnp.float32))
+  l1 = jnp.sum(jnp.abs(pred - gt) * w[..., None])
+  giou = box_ops.elementwise_generalized_box_iou(box_ops.box_cxcywh_to_xyxy(pred), box_ops.box_cxcywh_to_xyxy(gt))
+  return l1, jnp.sum((1 - giou) * w)
+
+
+def mask_loss_sums_at_points(pred_masks, gt_masks, points, weights):
+  """Weighted sums of the BCE and dice mask losses at given points.
+
+  pred_masks (N, Hm, Wm) logits, gt_masks (N, Hg, Wg) binary, points (N, P, 2) (x, y) in [0, 1], weights (N,).
+  """
+  point_logits = point_sample(pred_masks.astype(jnp.float32), points)  # (N, P)
+  point_labels = point_sample(gt_masks, points)  # (N, P)
+  w = weights.astype(jnp.float32)
+  return jnp.sum(sigmoid_ce_loss(point_logits, point_labels) * w), jnp.sum(dice_loss(point_logits, point_labels) * w)
+
+
+def mask_loss_sums(pred_masks, gt_masks, weights, uniform, loss_cfg):
+  """Mask losses with PointRend importance-sampled points (no gradient through the point selection).
+
+  pred_masks (..., Hm, Wm), gt_masks (..., Hg, Wg), weights (...): one pair per leading index.
+  uniform: (..., num_uniform_draws, 2) uniform values in [0, 1) for the point sampling of each pair.
+  """
+  pred = pred_masks.reshape(-1, *pred_masks.shape[-2:])
+  gt = gt_masks.reshape(-1, *gt_masks.shape[-2:])
+  points = uncertain_point_coords(
+    pred,
+    None,
+    int(loss_cfg.num_points),
+    float(loss_cfg.oversample_ratio),
+    float(loss_cfg.importance_sample_ratio),
+    uniform=uniform.reshape(-1, *uniform.shape[-2:]),
+  )
+  return mask_loss_sums_at_points(pred, gt, points, weights.reshape(-1))
+
+
+def num_uniform_draws(loss_cfg):
+  """Uniform (x, y) draws per mask pair for the loss point sampling."""
+  return point_sampling.num_uniform_draws(
+    int(loss_cfg.num_points), float(loss_cfg.oversample_ratio), float(loss_cfg.importance_sample_ratio)
+  )
+
+
+def _labels_one_hot(labels, num_classes):
+  """labels (...) int, -1 = background -> (..., C) float32 (all zeros for background)."""
+  return (labels[..., None] == jnp.arange(num_classes)).astype(jnp.float32)
+
+
+def matched_loss_sums(head, targets, query_for_gt, loss_cfg, uniform=None):
+  """Unnormalized loss sums of one set of predictions under a Hungarian matching.
+
+  head: HeadOutputs (B, Q, ...); query_for_gt (B, G) int32 (-1 = no query); uniform: (B, G, D, 2) uniform
+  values for the mask losses' point sampling (D = num_uniform_draws), or None for no mask losses.
+  Returns a dict of scalars: loss_ce, loss_bbox, loss_giou and, with masks, loss_mask, loss_dice.
+  """
+  b, q, c = head.logits.shape
+  matched = query_for_gt >= 0  # (B, G)
+  q_idx = jnp.clip(query_for_gt, 0, q - 1)
+  labels = jnp.where(targets['valid'], targets['labels'], -1)
+  gt_of_query = matcher.gt_for_queries(query_for_gt, q)  # (B, Q)
+  query_labels = jnp.where(gt_of_query >= 0, jnp.take_along_axis(labels, jnp.maximum(gt_of_query, 0), axis=1), -1)
+  focal = sigmoid_focal_loss(head.logits, _labels_one_hot(query_labels, c), loss_cfg.focal_alpha, loss_cfg.focal_gamma)
+  out = {'loss_ce': jnp.sum(focal)}
+  pred_boxes = jnp.take_along_axis(head.boxes, q_idx[..., None], axis=1)  # (B, G, 4)
+  out['loss_bbox'], out['loss_giou'] = box_loss_sums(pred_boxes, targets['boxes'], matched)
+  if uniform is not None:
+    pred_masks = jnp.take_along_axis(head.masks, q_idx[..., None, None], axis=1)  # (B, G, Hm, Wm)
+    out['loss_mask'], out['loss_dice'] = mask_loss_sums(pred_masks, targets['masks'], matched, uniform, loss_cfg)
+  return out
+
+
+def dn_assignment(dn_info, targets, num_classes):
+  """The fixed DN assignment (reference section 3): slot s of image b reconstructs GT `gt_index[b, s]`.
+
+  Returns (class_targets (B, S, C) float32: one-hot for positive slots, zeros for the other active slots;
+  class_weight (B, S) float32: 1 on active slots, 0 on inactive padding slots (excluded from every loss);
+  gt_index (B, S) int32 clipped to [0, G); positive (B, S) bool: slots with box and mask losses).
+  """
+  g = targets['labels'].shape[1]
+  gt_index = jnp.clip(dn_info.gt_index, 0, g - 1)
+  gt_valid = jnp.take_along_axis(targets['valid'], gt_index, axis=1)
+  active = jnp.broadcast_to(dn_info.slot_active[None, :], gt_index.shape)
+  positive = dn_info.positive & active & gt_valid
+  labels = jnp.where(positive, jnp.take_along_axis(targets['labels'], gt_index, axis=1), -1)
+  return _labels_one_hot(labels, num_classes), active.astype(jnp.float32), gt_index, positive
+
+
+def dn_loss_sums(head, targets, assignment, loss_cfg, uniform=None):
+  """Unnormalized DN loss sums of one set of DN predictions (B, S, ...) under `dn_assignment`.
+
+  uniform: (B, S, D, 2) uniform values for the mask losses' point sampling, or None for no mask losses.
+  """
+  class_targets, class_weight, gt_index, positive = assignment
+  focal = sigmoid_focal_loss(head.logits, class_targets, loss_cfg.focal_alpha, loss_cfg.focal_gamma)
+  out = {'loss_ce': jnp.sum(focal * class_weight[..., None])}
+  gt_boxes = jnp.take_along_axis(targets['boxes'], gt_index[..., None], axis=1)  # (B, S, 4)
+  out['loss_bbox'], out['loss_giou'] = box_loss_sums(head.boxes, gt_boxes, positive)
+  if uniform is not None:
+    gt_masks = jnp.take_along_axis(targets['masks'], gt_index[..., None, None], axis=1)  # (B, S, Hg, Wg)
+    out['loss_mask'], out['loss_dice'] = mask_loss_sums(head.masks, gt_masks, positive, uniform, loss_cfg)
+  return out
+
+
+def _stacked(head, sl):
+  """HeadOutputs of a slice of the leading (layer) axis."""
+  return HeadOutputs(head.logits[sl], head.boxes[sl], None if head.masks is None else head.masks[sl])
+
+
+def _check_masks(head, what):
+  if head.masks is None:
+    raise ValueError(
+      f'compute_losses: config.loss.mask_losses is True but the {what} predictions have no masks; '
+      'set config.loss.mask_losses = False for detection-only training'
+    )
+
+
+def loss_weights(loss_cfg):
+  """The weight of each base term name (the same for every copy)."""
+  scale = float(loss_cfg.detection_weight_scale)
+  return {
+    'loss_ce': float(loss_cfg.class_weight) * scale,
+    'loss_bbox': float(loss_cfg.box_weight) * scale,
+    'loss_giou': float(loss_cfg.giou_weight) * scale,
+    'loss_mask': float(loss_cfg.mask_weight),
+    'loss_dice': float(loss_cfg.dice_weight),
+  }
+
+
+def _draw_uniforms(rng, shapes):
+  """Every uniform number of a step in ONE jax.random call (each call site costs seconds of XLA:CPU compile)."""
+  sizes = [math.prod(shape) for shape in shapes.values()]
+  flat = jax.random.uniform(rng, (sum(sizes),), jnp.float32)
+  out, start = {}, 0
+  for (name, shape), size in zip(shapes.items(), sizes):
+    out[name] = flat[start : start + size].reshape(shape)
+    start += size
+  return out
+
+
+def compute_losses(predictions, targets, rng, config, num_masks_override=None):
+  """All training losses of one step (the official `SetCriterion.forward` plus the DI `oldm` terms).
+
+  predictions: modeling.outputs.Predictions (layers (N, B, Q, ...), interm (B, K, ...), di_aux (T, B, K, ...)
+    or None plus di_aux_more (later DI stages), dn (N, B, S, ...) + dn_info or None).
+  targets: dict with 'boxes' (B, G, 4) cxcywh, 'labels' (B, G) int32, 'valid' (B, G) bool (valid first) and,
+    with mask losses, 'masks' (B, G, Hg, Wg) binary masks of the padded canvas.
+  rng: PRNG key for the matcher's mask-cost points and the losses' importance-sampled points.
+  config: the experiment config; reads config.loss.* and config.matcher.*.
+  num_masks_override: hook for data parallelism: the normalizer to use instead of the local count of valid GT
+    (e.g. the all-reduced count divided by the number of devices, as the official code does). Clamped >= 1.
+  Returns (total, terms): the weighted sum and a dict of scalar terms named as in the official code.
+  """
+  lc, mc = config.loss, config.matcher
+  alpha, gamma = float(lc.focal_alpha), float(lc.focal_gamma)
+  use_masks = bool(lc.mask_losses)
+  valid = jnp.asarray(targets['valid'], bool)
+  targets = {**targets, 'valid': valid}
+  b, g = valid.shape
+  if use_masks and 'masks' not in targets:
+    raise ValueError("compute_losses: config.loss.mask_losses is True but targets has no 'masks'")
+  if num_masks_override is None:
+    num_masks = jnp.sum(valid).astype(jnp.float32)
+  else:
+    num_masks = jnp.asarray(num_masks_override, jnp.float32)
+  num_masks = jnp.maximum(num_masks, 1.0)
+
+  n_layers = predictions.num_layers
+  deep = bool(lc.deep_supervision) and n_layers > 1
+  # The Hungarian-matched sets: name -> (head with leading dims (..., B, Q, ...), mask costs and losses).
+  sets = {'final': (predictions.final, use_masks)}
+  if deep:
+    sets['aux'] = (_stacked(predictions.layers, slice(0, n_layers - 1)), use_masks)
+  if lc.interm_losses:
+    sets['interm'] = (predictions.interm, use_masks)
+  di_stages = []  # DI token-interaction outputs, (T, B, K_j, ...) per selection stage; class + box only
+  if lc.di_aux_losses and predictions.di_aux is not None:
+    di_stages = [predictions.di_aux, *predictions.di_aux_more]
+  for j, head in enumerate(di_stages):
+    sets[f'di_aux_{j}'] = (head, False)
+  with_dn = predictions.dn is not None and predictions.dn_info is not None
+  n_dn = 0
+  if with_dn:
+    n_dn = predictions.dn.logits.shape[0] if deep else 1
+    dn_heads = _stacked(predictions.dn, slice(predictions.dn.logits.shape[0] - n_dn, None))  # last, or all
+  if use_masks:
+    for name, (head, with_masks) in sets.items():
+      if with_masks:
+        _check_masks(head, name)
+    if with_dn:
+      _check_masks(predictions.dn, 'dn')
+
+  draws = num_uniform_draws(lc)
+  shapes = {}
+  for name, (head, with_masks) in sets.items():
+    if with_masks:
+      lead_b = head.logits.shape[:-2]  # (..., B)
+      shapes['match_' + name] = (*lead_b, int(mc.num_points), 2)
+      shapes['loss_' + name] = (*lead_b, g, draws, 2)
+  if with_dn and use_masks:
+    shapes['loss_dn'] = (n_dn, b, predictions.dn.logits.shape[-2], draws, 2)
+  uniforms = _draw_uniforms(rng, shapes) if shapes else {}
+
+  costs = [
+    matcher.matching_costs(head, targets, mc, uniforms.get('match_' + name), alpha, gamma)
+    for name, (head, _) in sets.items()
+  ]
+  matches = dict(zip(sets, matcher.hungarian_match(costs, valid)))
+
+  terms = {}
+
+  def add(prefix, suffix, sums, denom, index=None):
+    for base, value in sums.items():
+      terms[f'{prefix}{base}{suffix}'] = (value if index is None else value[index]) / denom
+
+  def set_sums(name):
+    head = sets[name][0]
+    fn = lambda h, q, u: matched_loss_sums(h, targets, q, lc, u)
+    for _ in head.logits.shape[:-3]:  # stacked layers
+      fn = jax.vmap(fn)
+    return fn(head, matches[name], uniforms.get('loss_' + name))
+
+  add('', '', set_sums('final'), num_masks)
+
+  if with_dn:
+    assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1])
+    groups = jnp.asarray(predictions.dn_info.num_groups, jnp.float32)
+    dn_denom = num_masks * jnp.maximum(groups, 1.0)
+    sums = jax.vmap(lambda h, u: dn_loss_sums(h, targets, assignment, lc, u))(dn_heads, uniforms.get('loss_dn'))
+    sums = {k: jnp.where(groups > 0, v, 0.0) for k, v in sums.items()}  # DN skipped this step: zero terms
+    add('', '_dn', sums, dn_denom, -1)
+    for i in range(n_dn - 1):
+      add('', f'_dn_{i}', sums, dn_denom, i)
+
+  if deep:
+    sums = set_sums('aux')
+    for i in range(n_layers - 1):
+      add('', f'_{i}', sums, num_masks, i)
+
+  if 'interm' in sets:
+    add('', '_interm', set_sums('interm'), num_masks)
+
+  offset = 0  # with three or more selections the later stages continue the oldm index
+  for j, head in enumerate(di_stages):
+    sums = set_sums(f'di_aux_{j}')
+    for i in range(head.logits.shape[0]):
+      add('oldm_', f'_{offset + i}', sums, num_masks, i)
+    offset += head.logits.shape[0]
+
+  weights = loss_weights(lc)
+  total = jnp.zeros((), jnp.float32)
+  for name, value in terms.items():
+    total = total + weights[_base_name(name)] * value
+  return total, terms
+
+
+def _base_name(term):
+  """'oldm_loss_ce_1' / 'loss_mask_dn_3' / 'loss_giou_interm' -> the base term name."""
+  name = term.removeprefix('oldm_')
+  for base in (*BOX_TERMS, *MASK_TERMS):
+    if name == base or name.startswith(base + '_'):
+      return base
+  raise KeyError(term)

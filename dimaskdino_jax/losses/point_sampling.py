@@ -1,0 +1,94 @@
+"""Point sampling of mask maps (reference sections 4.1 and 4.2).
+
+`point_sample` is torch's `grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)` for points
+given in [0, 1] (x, y) of the map: the pixel coordinate is `x * W - 0.5`, and taps outside the map read 0.
+`uncertain_point_coords` is PointRend's `get_uncertain_point_coords_with_randomness` with the uncertainty
+`-|logit|` that MaskDINO uses.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def point_sample(maps, points):
+  """Bilinear samples of maps at normalized points, with zero padding outside the map.
+
+  maps:   (..., H, W) any real or integer dtype (uint8 / bool GT masks are fine); sampled values are float32.
+  points: (..., P, 2) (x, y) in [0, 1] of the map. The leading dims of maps and points broadcast; in particular
+          points (P, 2) are shared by every map, and maps (H, W) are shared by every point set.
+  Returns (broadcast leading dims..., P) float32.
+  """
+  maps = jnp.asarray(maps)
+  points = jnp.asarray(points, jnp.float32)
+  h, w = maps.shape[-2:]
+  lead_m, lead_p = maps.shape[:-2], points.shape[:-2]
+  flat = maps.reshape(*lead_m, h * w)
+  x = points[..., 0] * w - 0.5  # (..., P) pixel coordinates, align_corners=False
+  y = points[..., 1] * h - 0.5
+  x0 = jnp.floor(x)
+  y0 = jnp.floor(y)
+  fx = x - x0
+  fy = y - y0
+  x0 = x0.astype(jnp.int32)
+  y0 = y0.astype(jnp.int32)
+  xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], axis=-1)  # (..., P, 4) the four taps
+  ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], axis=-1)
+  wts = jnp.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=-1)
+  inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+  wts = jnp.where(inside, wts, 0.0)
+  idx = jnp.clip(ys, 0, h - 1) * w + jnp.clip(xs, 0, w - 1)  # (..., P, 4) flat taps
+  n_p = points.shape[-2]
+  if not lead_p:  # shared points: one gather along the flattened map axis
+    vals = jnp.take(flat, idx.reshape(-1), axis=-1).reshape(*lead_m, n_p, 4)
+  elif not lead_m:  # one shared map
+    vals = flat[idx]
+  else:
+    lead = jnp.broadcast_shapes(lead_m, lead_p)
+    flat = jnp.broadcast_to(flat, (*lead, h * w))
+    idx = jnp.broadcast_to(idx, (*lead, n_p, 4))
+    wts = jnp.broadcast_to(wts, (*lead, n_p, 4))
+    vals = jnp.take_along_axis(flat, idx.reshape(*lead, n_p * 4), axis=-1).reshape(*lead, n_p, 4)
+  return jnp.sum(vals.astype(jnp.float32) * wts, axis=-1)
+
+
+def num_uniform_draws(num_points, oversample_ratio, importance_sample_ratio):
+  """How many uniform (x, y) draws `uncertain_point_coords` uses per map: oversampled + fresh random points."""
+  num_uncertain = int(importance_sample_ratio * num_points)
+  num_sampled = int(num_points * oversample_ratio) if num_uncertain > 0 else 0
+  return num_sampled + num_points - num_uncertain
+
+
+def uncertain_point_coords(logits, rng, num_points, oversample_ratio, importance_sample_ratio, uniform=None):
+  """PointRend importance sampling of points on mask logits, without gradient (reference section 4.2).
+
+  Draws int(num_points * oversample_ratio) uniform points per map, keeps the int(importance_sample_ratio *
+  num_points) with the largest uncertainty -|logit| (bilinearly sampled), and appends fresh uniform points up to
+  num_points.
+
+  logits: (N, H, W). rng: PRNG key, or None when `uniform` (N, num_uniform_draws(...), 2) values in [0, 1) are
+  given instead (the criterion draws every random number of a step at once: each separate jax.random call
+  costs seconds of XLA:CPU compile time). Returns (N, num_points, 2) (x, y) in [0, 1], stop-gradient.
+  """
+  logits = jax.lax.stop_gradient(jnp.asarray(logits, jnp.float32))
+  n = logits.shape[0]
+  num_uncertain = int(importance_sample_ratio * num_points)
+  num_sampled = int(num_points * oversample_ratio) if num_uncertain > 0 else 0
+  if num_uncertain > num_sampled:
+    raise ValueError(
+      f'uncertain_point_coords: importance_sample_ratio * num_points = {num_uncertain} exceeds the '
+      f'{num_sampled} oversampled points; use oversample_ratio >= importance_sample_ratio'
+    )
+  total = num_uniform_draws(num_points, oversample_ratio, importance_sample_ratio)
+  if uniform is None:
+    uniform = jax.random.uniform(rng, (n, total, 2), jnp.float32)
+  elif uniform.shape != (n, total, 2):
+    raise ValueError(f'uncertain_point_coords: uniform has shape {uniform.shape}, expected {(n, total, 2)}')
+  uniform = jax.lax.stop_gradient(uniform)
+  parts = []
+  if num_uncertain > 0:
+    coords = uniform[:, :num_sampled]  # (N, num_sampled, 2)
+    uncertainty = -jnp.abs(point_sample(logits, coords))  # (N, num_sampled)
+    _, top = jax.lax.top_k(uncertainty, num_uncertain)  # (N, num_uncertain)
+    parts.append(jnp.take_along_axis(coords, top[..., None], axis=1))
+  parts.append(uniform[:, num_sampled:])  # the fresh uniform points
+  return jnp.concatenate(parts, axis=1)

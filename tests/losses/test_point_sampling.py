@@ -1,0 +1,88 @@
+"""point_sample vs a NumPy grid_sample(align_corners=False, zeros) sampler; PointRend importance sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimaskdino_jax.losses.point_sampling import num_uniform_draws, point_sample, uncertain_point_coords
+from tests.losses.helpers import np_point_sample
+
+
+def _points(rng, n, p, h, w):
+  pts = rng.uniform(size=(n, p, 2))
+  # Edges, corners and exact pixel centers: the zero-padding and half-pixel conventions show up there.
+  pts[:, :6] = [[0, 0], [1, 1], [0, 1], [1, 0], [0.5 / w, 0.5 / h], [(w - 0.5) / w, 0.25 / h]]
+  return pts
+
+
+def test_point_sample_matches_numpy_per_map_points():
+  rng = np.random.default_rng(0)
+  maps = rng.normal(size=(3, 5, 7))
+  pts = _points(rng, 3, 20, 5, 7)
+  out = point_sample(jnp.asarray(maps, jnp.float32), jnp.asarray(pts, jnp.float32))
+  ref = np.stack([np_point_sample(maps[i], pts[i]) for i in range(3)])
+  assert out.shape == (3, 20)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-6)
+  # The corner (0, 0) sees a quarter of pixel (0, 0) (three taps are padding zeros).
+  np.testing.assert_allclose(np.asarray(out[:, 0]), maps[:, 0, 0] / 4, atol=1e-6)
+  # A pixel center returns the pixel.
+  np.testing.assert_allclose(np.asarray(out[:, 4]), maps[:, 0, 0], atol=1e-6)
+
+
+def test_point_sample_shared_points_shared_map_and_uint8():
+  rng = np.random.default_rng(1)
+  maps = (rng.uniform(size=(4, 6, 6)) > 0.5).astype(np.uint8)
+  pts = _points(rng, 1, 15, 6, 6)[0]
+  shared = point_sample(jnp.asarray(maps), jnp.asarray(pts, jnp.float32))  # points (P, 2) for every map
+  assert shared.dtype == jnp.float32 and shared.shape == (4, 15)
+  ref = np.stack([np_point_sample(maps[i].astype(np.float64), pts) for i in range(4)])
+  np.testing.assert_allclose(np.asarray(shared), ref, atol=2e-6)
+  many = _points(rng, 2, 9, 6, 6)
+  one_map = point_sample(jnp.asarray(maps[0]), jnp.asarray(many, jnp.float32))  # map (H, W) for every point set
+  ref = np.stack([np_point_sample(maps[0].astype(np.float64), many[i]) for i in range(2)])
+  np.testing.assert_allclose(np.asarray(one_map), ref, atol=2e-6)
+
+
+def test_uncertain_points_pick_the_uncertain_region():
+  # Map 0 is uncertain (logit 0) for x < 0.5, map 1 for y >= 0.5; confident (logit 10) elsewhere.
+  logits = np.full((2, 16, 16), 10.0, np.float32)
+  logits[0, :, :8] = 0.0
+  logits[1, 8:, :] = 0.0
+  num_points, over, imp = 40, 3.0, 0.75
+  sample = jax.jit(lambda l: uncertain_point_coords(l, jax.random.key(0), num_points, over, imp))
+  pts = sample(jnp.asarray(logits))
+  assert pts.shape == (2, num_points, 2)
+  pts = np.asarray(pts)
+  assert pts.min() >= 0 and pts.max() <= 1
+  n_unc = int(imp * num_points)
+  # About 60 of the 120 oversampled points have logit 0; the 30 most uncertain are all among them.
+  assert np.all(pts[0, :n_unc, 0] < 7.5 / 16)
+  assert np.all(pts[1, :n_unc, 1] > 8.5 / 16)
+  # The rest are fresh uniform points, not restricted to the uncertain half.
+  assert np.any(pts[0, n_unc:, 0] > 0.5) and np.any(pts[1, n_unc:, 1] < 0.5)
+  # Same key, same points; no gradient through the selection.
+  again = sample(jnp.asarray(logits))
+  np.testing.assert_array_equal(np.asarray(again), pts)
+  grad = jax.grad(lambda l: uncertain_point_coords(l, jax.random.key(0), num_points, over, imp).sum())(logits)
+  assert np.all(np.asarray(grad) == 0)
+
+
+def test_uncertain_points_from_given_uniforms():
+  n, num_points, over, imp = 3, 8, 3.0, 0.75
+  draws = num_uniform_draws(num_points, over, imp)
+  assert draws == 24 + 2
+  uniform = jax.random.uniform(jax.random.key(3), (n, draws, 2))
+  logits = jax.random.normal(jax.random.key(4), (n, 5, 5))
+  pts = jax.jit(lambda l, u: uncertain_point_coords(l, None, num_points, over, imp, uniform=u))(logits, uniform)
+  # The last num_points - 6 points are the last uniform draws; the first 6 are a subset of the oversampled ones.
+  np.testing.assert_array_equal(np.asarray(pts[:, 6:]), np.asarray(uniform[:, 24:]))
+  for i in range(n):
+    cand = {tuple(p) for p in np.asarray(uniform[i, :24])}
+    assert all(tuple(p) in cand for p in np.asarray(pts[i, :6]))
+    # And they are the 6 most uncertain of the 24.
+    unc = -np.abs(np_point_sample(np.asarray(logits[i], np.float64), np.asarray(uniform[i, :24])))
+    chosen = -np.abs(np_point_sample(np.asarray(logits[i], np.float64), np.asarray(pts[i, :6])))
+    np.testing.assert_allclose(np.sort(chosen), np.sort(unc)[-6:], atol=1e-5)
+  with pytest.raises(ValueError, match='uniform has shape'):
+    uncertain_point_coords(logits, None, num_points, over, imp, uniform=uniform[:, :5])
