@@ -16,8 +16,11 @@ pixel x = loc_x * W - 0.5, y = loc_y * H - 0.5, four neighbours, a neighbour out
 (reference section 7).
 
 impl: 'xla' (fast pure JAX, hand-written VJP), 'reference' (straightforward pure JAX, autodiff; the test
-oracle), 'pallas' (fused GPU kernel; not available yet), 'auto' ('pallas' on GPU when available, else 'xla').
+oracle), 'pallas' (Pallas/Triton forward kernel, pure-JAX backward; runs with interpret=True off GPU),
+'auto' ('pallas' on GPU once it is enabled there by `PALLAS_ON_GPU`, else 'xla').
 """
+
+import functools
 
 import jax
 import numpy as np
@@ -28,11 +31,20 @@ from kernels.ms_deform_attn.xla import ms_deform_attn_xla
 __all__ = ['IMPLS', 'ms_deform_attn', 'ms_deform_attn_reference', 'ms_deform_attn_xla', 'normalize_shapes']
 
 IMPLS = ('auto', 'xla', 'reference', 'pallas')
-PALLAS_AVAILABLE = False
+# Whether 'auto' picks the Pallas kernel on GPU. Off until the kernel has been run and checked on a GPU: so far
+# it is tested in interpret mode and its Triton lowering is checked without a GPU (tests/kernels).
+PALLAS_ON_GPU = False
 
 # Jitted with the static level layout, so eager calls compile once per shape (and inline under an outer jit).
 _xla = jax.jit(ms_deform_attn_xla, static_argnums=(1, 2))
 _reference = jax.jit(ms_deform_attn_reference, static_argnums=(1, 2))
+
+
+@functools.cache
+def _pallas():
+  from kernels.ms_deform_attn.pallas import ms_deform_attn_pallas  # imported lazily: Pallas is GPU-oriented
+
+  return jax.jit(ms_deform_attn_pallas, static_argnums=(1, 2, 5))
 
 
 def normalize_shapes(spatial_shapes, level_start_index=None):
@@ -88,7 +100,7 @@ def _resolve(impl):
   if impl not in IMPLS:
     raise ValueError(f'ms_deform_attn: impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
-    return 'pallas' if (PALLAS_AVAILABLE and jax.default_backend() == 'gpu') else 'xla'
+    return 'pallas' if (PALLAS_ON_GPU and jax.default_backend() == 'gpu') else 'xla'
   return impl
 
 
@@ -101,7 +113,6 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     return _xla(value, shapes, starts, sampling_locations, attention_weights)
   if impl == 'reference':
     return _reference(value, shapes, starts, sampling_locations, attention_weights)
-  raise NotImplementedError(
-    "ms_deform_attn: impl='pallas' is not available yet (the fused GPU kernel is still being written); "
-    "use impl='xla' or impl='auto'."
-  )
+  # impl == 'pallas': the Triton kernel on GPU, the same kernel interpreted as XLA ops elsewhere (slow; tests).
+  interpret = jax.default_backend() != 'gpu'
+  return _pallas()(value, shapes, starts, sampling_locations, attention_weights, interpret)

@@ -1,0 +1,169 @@
+"""Times multi-scale deformable attention: forward and forward+backward, median ms per implementation.
+
+  python benchmarks/msda.py --json msda.json [--sizes encoder,decoder] [--repeats N]
+
+Sizes (fp32, 1 image, levels 128^2/64^2/32^2/16^2 = 21,760 tokens, 8 heads x 32 channels, 4 levels x 4 points):
+  encoder: queries = all 21,760 tokens;  decoder: 400 queries.
+Implementations: `xla` and `reference` (kernels.ms_deform_attn), `pallas` (GPU only, when available), `torch`
+(PyTorch pure reference with F.grid_sample per level, like Deformable DETR's ms_deform_attn_core_pytorch; only
+when torch is importable). Also prints a memory-traffic floor per size from a measured copy bandwidth.
+Writes {size: {impl: {"fwd_ms": .., "fwdbwd_ms": ..}}} to --json, with the floor under the key "floor".
+"""
+
+import os
+
+# Must be set before jax is imported (see shared/reference/jax_stack.md: 14x on this op).
+if 'ynn_fusion_type' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_experimental_ynn_fusion_type=-reduce'
+  ).strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels.ms_deform_attn as msda  # noqa: E402
+from kernels.ms_deform_attn import torch_reference  # noqa: E402
+
+SHAPES = ((128, 128), (64, 64), (32, 32), (16, 16))
+HEADS, CHANNELS, POINTS = 8, 32, 4
+SIZES = {'encoder': sum(h * w for h, w in SHAPES), 'decoder': 400}
+
+
+def make_inputs(lq, seed=0):
+  rng = np.random.default_rng(seed)
+  s = sum(h * w for h, w in SHAPES)
+  nl = len(SHAPES)
+  value = rng.normal(size=(1, s, HEADS, CHANNELS)).astype(np.float32)
+  # Locations spread over the map, about 17% of points with a coordinate slightly outside [0, 1].
+  loc = rng.uniform(-0.05, 1.05, size=(1, lq, HEADS, nl, POINTS, 2)).astype(np.float32)
+  logits = rng.normal(size=(1, lq, HEADS, nl * POINTS))
+  attn = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).reshape(1, lq, HEADS, nl, POINTS)
+  cot = rng.normal(size=(1, lq, HEADS * CHANNELS)).astype(np.float32)
+  return value, loc, attn.astype(np.float32), cot
+
+
+def _median_ms(fn, repeats):
+  fn()  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return 1000.0 * float(np.median(times))
+
+
+def time_jax(impl, inputs, repeats):
+  value, loc, attn, cot = (jnp.asarray(x) for x in inputs)
+  starts = msda.normalize_shapes(SHAPES)[1]
+
+  def f(v, lc, a):
+    return msda.ms_deform_attn(v, SHAPES, starts, lc, a, impl=impl)
+
+  fwd = jax.jit(f)
+  fwdbwd = jax.jit(jax.grad(lambda v, lc, a: jnp.sum(f(v, lc, a) * cot), argnums=(0, 1, 2)))
+  return {
+    'fwd_ms': _median_ms(lambda: jax.block_until_ready(fwd(value, loc, attn)), repeats),
+    'fwdbwd_ms': _median_ms(lambda: jax.block_until_ready(fwdbwd(value, loc, attn)), repeats),
+  }
+
+
+def time_torch(inputs, repeats):
+  import torch
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  value, loc, attn, cot = (torch.from_numpy(np.asarray(x)) for x in inputs)
+  with torch.no_grad():
+    fwd_ms = _median_ms(lambda: torch_reference.ms_deform_attn_torch(value, SHAPES, loc, attn), repeats)
+  v, lc, a = (x.clone().requires_grad_(True) for x in (value, loc, attn))
+
+  def fwdbwd():
+    for x in (v, lc, a):
+      x.grad = None
+    (torch_reference.ms_deform_attn_torch(v, SHAPES, lc, a) * cot).sum().backward()
+
+  return {'fwd_ms': fwd_ms, 'fwdbwd_ms': _median_ms(fwdbwd, repeats)}
+
+
+def copy_bandwidth_gbs():
+  """Read + write bandwidth of a numpy copy of a 400 MB array, GB/s (best of 5)."""
+  a = np.ones(100_000_000, np.float32)
+  b = np.empty_like(a)
+  best = float('inf')
+  for _ in range(5):
+    t = time.perf_counter()
+    np.copyto(b, a)
+    best = min(best, time.perf_counter() - t)
+  return 2 * a.nbytes / best / 1e9
+
+
+def floor_ms(lq, bandwidth_gbs):
+  """Memory-traffic floor: every sample point touches 4 corner rows of D floats (forward: read them once;
+  forward+backward: read them in the forward and the backward, and read+write them in the value-gradient
+  accumulation), plus locations, weights, outputs and their gradients once each."""
+  samples = lq * HEADS * len(SHAPES) * POINTS
+  corners = samples * 4 * CHANNELS * 4  # bytes
+  small = samples * 3 * 4 + lq * HEADS * CHANNELS * 4  # locations + weights, output
+  fwd = corners + small
+  fwdbwd = 4 * corners + 2 * small + 2 * small + 2 * SIZES['encoder'] * HEADS * CHANNELS * 4
+  return 1000 * fwd / 1e9 / bandwidth_gbs, 1000 * fwdbwd / 1e9 / bandwidth_gbs
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--json', required=True, help='where to write the figures')
+  parser.add_argument('--sizes', default='encoder,decoder', help='comma-separated subset of: encoder,decoder')
+  parser.add_argument('--repeats', type=int, default=5, help='timed runs per figure (after one warm-up)')
+  parser.add_argument('--impls', default='xla,reference,pallas,torch', help='comma-separated implementations')
+  args = parser.parse_args()
+  sizes = [s for s in args.sizes.split(',') if s]
+  for s in sizes:
+    if s not in SIZES:
+      parser.error(f'--sizes: unknown size {s!r}; choose from {sorted(SIZES)}')
+  impls = [i for i in args.impls.split(',') if i]
+  if 'pallas' in impls and jax.default_backend() != 'gpu':
+    impls.remove('pallas')
+  if 'torch' in impls:
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      print('torch is not importable: skipping the torch reference')
+      impls.remove('torch')
+
+  bandwidth = copy_bandwidth_gbs()
+  print(
+    f'jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs); XLA_FLAGS={os.environ["XLA_FLAGS"]}'
+  )
+  print(f'measured copy bandwidth: {bandwidth:.1f} GB/s (read + write)')
+  results = {}
+  for size in sizes:
+    lq = SIZES[size]
+    inputs = make_inputs(lq)
+    results[size] = {}
+    for impl in impls:
+      r = time_torch(inputs, args.repeats) if impl == 'torch' else time_jax(impl, inputs, args.repeats)
+      results[size][impl] = r
+      print(f'  {size:8s} {impl:10s} fwd {r["fwd_ms"]:9.1f} ms   fwd+bwd {r["fwdbwd_ms"]:9.1f} ms', flush=True)
+    f, fb = floor_ms(lq, bandwidth)
+    results[size]['floor'] = {'fwd_ms': f, 'fwdbwd_ms': fb}
+
+  print()
+  print(f'| size | implementation | forward ms | forward+backward ms |  (median of {args.repeats})')
+  print('|---|---|---|---|')
+  for size, by_impl in results.items():
+    for impl, r in by_impl.items():
+      name = f'floor ({bandwidth:.1f} GB/s)' if impl == 'floor' else impl
+      print(f'| {size} | {name} | {r["fwd_ms"]:.1f} | {r["fwdbwd_ms"]:.1f} |')
+  with open(args.json, 'w') as fh:
+    json.dump(results, fh, indent=2)
+  print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+  main()
