@@ -1,0 +1,354 @@
+"""COCO evaluation of a model on a prepared split: jitted predict per canvas -> host post-processing -> COCOeval.
+
+    metrics = evaluate(config, {'params': ..., 'frozen_bn': ...}, out_dir='runs/x/eval')
+    metrics['bbox']['AP'], metrics['segm']['AP']     # percent; also written to out_dir/metrics.json
+
+Flow (DESIGN.md, "Evaluation"): `EvalLoader` yields static batches grouped by canvas; one jitted `predict`
+(model.apply in inference mode + `select_topk` on the device, k = config.eval.detections_per_image) compiles once
+per canvas shape and is reused by later `evaluate` calls with the same model (e.g. the trainer's periodic
+evaluation); while the device runs batch i + 1, the host post-processes batch i (`postprocess_batch`: mask
+upsampling, crop, threshold, box scaling), converts it to COCO results with the dataset's category ids and
+accumulates them in a `COCOEvaluator`. Filler entries (`is_padding`) are skipped.
+
+With `per_layer=True` the model computes masks for every entry of `Predictions.layers` (all_layer_masks=True) and
+each entry is evaluated on its own: 'initial' (the query selection before the decoder), then 'decoder_0' ...
+'decoder_{L-1}'; the last one is the model's output and gives the top-level metrics.
+
+metrics.json: {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}, ["per_layer": [{"layer": name,
+"bbox": {...}, "segm": {...}}, ...]]}, AP in percent; a size bucket with no ground truth is NaN (written as the
+JSON extension `NaN`, which Python's json reads). "segm" is left out when config.loss.mask_losses is False or the
+ground truth has no segmentations.
+
+Checkpoints: `resolve_checkpoint` finds a step directory (latest in a workdir, or an explicit path) and
+`restore_variables` restores only the model variables ('params', 'frozen_bn') of a training state saved by
+training/checkpoint.py (orbax partial restore: the optimizer state is never read).
+
+Single process only (several local devices are fine: each batch is split over them when the batch size divides).
+"""
+
+import collections
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from dimaskdino_jax.data.pipeline import EvalLoader
+from dimaskdino_jax.data.transforms import decode_image
+from dimaskdino_jax.evaluation.coco_eval import METRIC_NAMES, COCOEvaluator
+from dimaskdino_jax.evaluation.postprocess import postprocess_batch, select_topk
+from dimaskdino_jax.evaluation.visualize import save_prediction_grid
+
+METRICS_FILE = 'metrics.json'
+PREDICTIONS_FILE = 'predictions.png'
+
+# Traces of the predict function per canvas (H, W): a trace is a compilation. Tests read it (reset it first).
+PREDICT_TRACES: collections.Counter = collections.Counter()
+
+
+def layer_names(num_entries: int) -> list[str]:
+  """Names of the entries of `Predictions.layers`: 'initial', then 'decoder_0' .. 'decoder_{num_entries - 2}'."""
+  return ['initial'] + [f'decoder_{i}' for i in range(num_entries - 1)]
+
+
+@functools.lru_cache(maxsize=8)
+def make_predict_fn(model, k: int, with_masks: bool, per_layer: bool, compiler_options: tuple = ()):
+  """A jitted predict(variables, images, image_hw) -> tuple of TopK (one per evaluated entry of layers).
+
+  model: the Flax module (hashable: equal configs share the cache entry, so a model compiles once per canvas even
+  across `evaluate` calls). per_layer: all_layer_masks=True and one TopK per entry of `Predictions.layers`, else one
+  TopK of the last decoder layer. with_masks: False leaves the mask logits out (box-only evaluation).
+  compiler_options: sorted (name, value) pairs of XLA options (tests use a low optimization level).
+  """
+
+  def predict(variables, images, image_hw):
+    PREDICT_TRACES[tuple(images.shape[1:3])] += 1  # runs at trace time only
+    preds = model.apply(variables, images, image_hw=image_hw, train=False, all_layer_masks=per_layer)
+    entries = range(preds.num_layers) if per_layer else [preds.num_layers - 1]
+    out = []
+    for i in entries:
+      head = preds.layers.layer(i)
+      out.append(select_topk(head.logits, head.boxes, head.masks if with_masks else None, k=k))
+    return tuple(out)
+
+  return jax.jit(predict, compiler_options=dict(compiler_options) or None)
+
+
+def iou_types_for(config, coco_gt) -> tuple[str, ...]:
+  """('bbox', 'segm'), or ('bbox',) when config.loss.mask_losses is False or no GT annotation has a segmentation."""
+  anns = coco_gt.dataset.get('annotations', [])
+  has_masks = any('segmentation' in a for a in anns) or not anns
+  if bool(config.loss.get('mask_losses', True)) and has_masks:
+    return ('bbox', 'segm')
+  return ('bbox',)
+
+
+class _Placement:
+  """Puts variables (replicated) and batches (split on the batch axis when it divides) on the local devices."""
+
+  def __init__(self):
+    devices = jax.local_devices()
+    self.mesh = Mesh(np.asarray(devices), ('batch',))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.split = NamedSharding(self.mesh, PartitionSpec('batch'))
+    self.num_devices = len(devices)
+
+  def variables(self, variables):
+    return jax.device_put(variables, self.replicated)
+
+  def batch(self, x):
+    sharding = self.split if x.shape[0] % self.num_devices == 0 else self.replicated
+    return jax.device_put(x, sharding)
+
+
+def _check_classes(config, prepared):
+  if int(config.model.num_classes) != prepared.num_classes:
+    raise ValueError(
+      f'config.model.num_classes = {config.model.num_classes} but {prepared.path} has {prepared.num_classes} '
+      f'categories ({", ".join(prepared.category_names)}); set --config.model.num_classes={prepared.num_classes} '
+      'or evaluate on the dataset the model was trained for'
+    )
+
+
+def _original_images(prepared, image_ids):
+  """Decoded original images (H, W, 3) uint8 of the given ids, from the prepared records."""
+  record_of = {int(i): r for r, i in enumerate(prepared.index['image_id'])}
+  return [decode_image(prepared.data_source[record_of[int(i)]]['image']) for i in image_ids]
+
+
+def format_per_layer_table(per_layer) -> str:
+  """A markdown table: one row per layer entry, AP / AP50 / AP75 of each iou type."""
+  types = [t for t in ('bbox', 'segm') if per_layer and t in per_layer[0]]
+  cols = [f'{t} {n}' for t in types for n in ('AP', 'AP50', 'AP75')]
+  lines = ['| layer | ' + ' | '.join(cols) + ' |', '|' + '---|' * (len(cols) + 1)]
+  for entry in per_layer:
+    vals = [entry[t][n] for t in types for n in ('AP', 'AP50', 'AP75')]
+    lines.append(f'| {entry["layer"]} | ' + ' | '.join(f'{v:.3f}' for v in vals) + ' |')
+  return '\n'.join(lines)
+
+
+def evaluate(
+  config,
+  variables,
+  *,
+  split: str | None = None,
+  mode: str = 'buckets',
+  per_layer: bool = False,
+  max_images: int | None = None,
+  out_dir: str | None = None,
+  verbose: bool = True,
+  num_visualize: int = 0,
+  compiler_options: dict | None = None,
+) -> dict:
+  """Evaluates `variables` ({'params': ..., 'frozen_bn': ...}) on a prepared split; returns the metrics dict.
+
+  split: default config.data.val_split. mode: 'buckets' (the config's eval canvases) or 'exact' (each image padded
+  to a multiple of size_divisibility: one compilation per distinct size). max_images: the first N images (default
+  config.eval.max_images; 0 = all). out_dir: where metrics.json (and predictions.png) are written; None writes
+  nothing. num_visualize: with out_dir, the first N images with their predictions (score >= 0.3) are drawn side by
+  side in out_dir/predictions.png. compiler_options: XLA options for the predict function.
+  Returns {'bbox': {...}, 'segm': {...}, ['per_layer': [...]]} (see the module docstring).
+  """
+  from dimaskdino_jax.modeling.model import build_model  # lazy: the only place evaluation touches the model
+
+  if jax.process_count() > 1:
+    raise NotImplementedError('evaluate() runs in a single process; run eval.py on one host')
+  start = time.time()
+  loader = EvalLoader(config, split=split, mode=mode, max_images=max_images)
+  prepared = loader.prepared
+  if loader.num_images == 0:
+    raise ValueError(f'{prepared.path}: no images to evaluate')
+  _check_classes(config, prepared)
+  coco_gt = prepared.coco()
+  iou_types = iou_types_for(config, coco_gt)
+  category_ids = [int(c) for c in prepared.label_to_category_id]
+  use_fast = bool(config.eval.get('use_faster_coco_eval', False))
+
+  model = build_model(config)
+  k = int(config.eval.detections_per_image)
+  predict = make_predict_fn(
+    model, k, 'segm' in iou_types, bool(per_layer), tuple(sorted((compiler_options or {}).items()))
+  )
+  num_entries = int(config.model.decoder.num_layers) + 1 if per_layer else 1
+  names = layer_names(num_entries) if per_layer else ['final']
+  evaluators = [COCOEvaluator(coco_gt, category_ids, iou_types, use_faster_coco_eval=use_fast) for _ in names]
+
+  place = _Placement()
+  variables = place.variables(variables)
+  vis_ids, vis_results = [], []
+  num_visualize = num_visualize if out_dir is not None else 0
+  bar = tqdm(total=loader.num_images, unit='img', desc='eval', disable=not verbose, dynamic_ncols=True)
+
+  def consume(batch, outputs):
+    valid = ~np.asarray(batch['is_padding'], bool)
+    ids = np.asarray(batch['image_id'])[valid]
+    canvas = tuple(batch['image'].shape[1:3])
+    if len(outputs) != len(evaluators):
+      raise AssertionError(f'predict returned {len(outputs)} entries for {len(evaluators)} evaluators')
+    for j, (topk, ev) in enumerate(zip(outputs, evaluators)):
+      results = postprocess_batch(topk, batch['image_hw'], canvas, batch['orig_hw'], valid)
+      for image_id, result in zip(ids, results):
+        ev.add(int(image_id), result)
+        if j == len(evaluators) - 1 and len(vis_ids) < num_visualize:
+          vis_ids.append(int(image_id))
+          vis_results.append(result)
+    bar.update(len(ids))
+
+  pending = None
+  for batch in loader:
+    # Dispatch this batch (asynchronous) before post-processing the previous one on the host.
+    outputs = predict(variables, place.batch(batch['image']), place.batch(np.asarray(batch['image_hw'], np.int32)))
+    if pending is not None:
+      consume(*pending)
+    pending = (batch, outputs)
+  if pending is not None:
+    consume(*pending)
+  bar.close()
+  predict_s = time.time() - start
+
+  layer_metrics = []
+  for j, ev in enumerate(evaluators):
+    is_final = j == len(evaluators) - 1
+    layer_metrics.append(ev.evaluate(verbose=verbose and is_final))
+  metrics = dict(layer_metrics[-1])
+  if per_layer:
+    metrics['per_layer'] = [{'layer': name, **m} for name, m in zip(names, layer_metrics)]
+    if verbose:
+      print('per-layer AP:\n' + format_per_layer_table(metrics['per_layer']), flush=True)
+  if verbose:
+    print(
+      f'evaluated {loader.num_images} images of {prepared.name}/{prepared.split} ({mode}, canvases '
+      f'{loader.canvases}) in {time.time() - start:.1f}s ({predict_s:.1f}s predict + post-process)',
+      flush=True,
+    )
+
+  if out_dir is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, METRICS_FILE)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(metrics, f, indent=2)
+    os.replace(path + '.tmp', path)
+    if vis_ids:
+      save_prediction_grid(
+        os.path.join(out_dir, PREDICTIONS_FILE),
+        _original_images(prepared, vis_ids),
+        vis_results,
+        prepared.category_names,
+        titles=[f'id {i}' for i in vis_ids],
+      )
+    if verbose:
+      print(f'wrote {path}', flush=True)
+  return metrics
+
+
+def check_metrics(metrics) -> None:
+  """Raises ValueError unless every metric is a float in [0, 100] or NaN (used by tests and after loading)."""
+  groups = [metrics] + list(metrics.get('per_layer', []))
+  for g in groups:
+    for t in ('bbox', 'segm'):
+      if t not in g:
+        continue
+      for name in METRIC_NAMES:
+        v = g[t][name]
+        if not isinstance(v, float) or not (math.isnan(v) or 0.0 <= v <= 100.0):
+          raise ValueError(f'{t} {name} = {v!r} is not a percentage')
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def resolve_checkpoint(workdir: str | None = None, checkpoint: str | None = None) -> tuple[str, int]:
+  """The step directory to evaluate and its step: the newest complete checkpoint of WORKDIR/checkpoints, or
+  `checkpoint`, which may be a step directory (holding 'state'), a checkpoints directory or a workdir (newest step).
+
+  Raises FileNotFoundError naming the directory when there is no checkpoint.
+  """
+  from dimaskdino_jax.training.checkpoint import CHECKPOINT_DIR  # lazy: training imports the evaluator
+
+  if (workdir is None) == (checkpoint is None):
+    raise ValueError('give exactly one of workdir and checkpoint')
+  path = os.path.abspath(os.fspath(checkpoint if checkpoint is not None else workdir))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: no such directory')
+  if checkpoint is not None and os.path.isdir(os.path.join(path, 'state')):
+    name = os.path.basename(path)
+    if not name.isdigit():
+      raise FileNotFoundError(f'{path}: a step directory must be named by its step (like checkpoints/1800)')
+    return path, int(name)
+  ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
+  if workdir is not None or os.path.isdir(ckpt_dir):
+    directory = ckpt_dir
+  else:
+    directory = path  # a checkpoints directory itself
+  steps = []
+  if os.path.isdir(directory):
+    # Complete checkpoints only: orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames when done.
+    steps = sorted(
+      int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n, 'state'))
+    )
+  if not steps:
+    raise FileNotFoundError(
+      f'{directory}: no checkpoint found (expected step directories like {directory}/1800/state); train first '
+      'with train.py --workdir, or pass --checkpoint pointing at a step directory'
+    )
+  return os.path.join(directory, str(steps[-1])), steps[-1]
+
+
+def restore_variables(config, step_dir: str) -> dict:
+  """{'params': ..., 'frozen_bn': ...} of the model of `config`, restored from STEP_DIR/state (partial restore).
+
+  The checkpoint's tree is checked against the model first: a missing or extra variable, or one whose shape
+  differs, raises ValueError naming the checkpoint and the first differences (usually a config that does not
+  match the run that wrote the checkpoint).
+  """
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  from dimaskdino_jax.modeling.model import build_model
+  from dimaskdino_jax.training.checkpoint import abstract_state
+
+  state_dir = os.path.join(os.path.abspath(step_dir), 'state')
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f'{state_dir}: not a checkpoint step directory (no state/ item)')
+  model = build_model(config)
+  size = tuple(int(v) for v in config.data.eval_canvases[0]) if config.data.eval_canvases else (64, 64)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *size, 3), jnp.uint8))
+  shapes = {name: tree for name, tree in shapes.items() if name in ('params', 'frozen_bn')}
+
+  with ocp.PyTreeCheckpointer() as ckptr:
+    stored = ckptr.metadata(state_dir).item_metadata.tree
+  problems = []
+  for name, tree in shapes.items():
+    if name not in stored:
+      problems.append(f'collection {name!r} missing (the checkpoint has {sorted(stored)})')
+      continue
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    have = {
+      jax.tree_util.keystr(p): tuple(m.shape)
+      for p, m in jax.tree_util.tree_leaves_with_path(stored[name])
+      if hasattr(m, 'shape')
+    }
+    problems += [f'{name}{p} missing' for p in sorted(set(want) - set(have))]
+    problems += [f'{name}{p} not in the model' for p in sorted(set(have) - set(want))]
+    problems += [
+      f'{name}{p}: checkpoint {have[p]} vs model {want[p]}' for p in sorted(set(want) & set(have)) if have[p] != want[p]
+    ]
+  if problems:
+    shown = '\n  '.join(problems[:10])
+    more = f'\n  ... and {len(problems) - 10} more' if len(problems) > 10 else ''
+    raise ValueError(
+      f'{state_dir}: the checkpoint does not match the model of this config ({len(problems)} differences):\n  '
+      f'{shown}{more}\nUse the config (and --config overrides) of the run that wrote it.'
+    )
+  abstract = abstract_state(shapes)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(
+      state_dir,
+      args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+      ),
+    )
+  return {name: restored[name] for name in shapes}

@@ -1,0 +1,142 @@
+r"""Evaluate a DI-MaskDINO checkpoint with COCO bbox / segm AP.
+
+  python eval.py --config configs/shapes.py --workdir runs/shapes
+  python eval.py --config configs/dimaskdino_r50_coco.py:24ep --checkpoint runs/r50/checkpoints/90000
+  python eval.py --config configs/shapes.py --workdir runs/shapes --mode exact --per-layer --max-images 50 \
+      --out runs/shapes/eval_exact --config.eval.batch_size=4
+
+--workdir evaluates the newest complete checkpoint in WORKDIR/checkpoints; --checkpoint takes a step directory
+(or a checkpoints directory / workdir: its newest step). Metrics go to OUT/metrics.json (default WORKDIR/eval; for
+--checkpoint the workdir holding its checkpoints/ directory) with a grid of a few predictions in OUT/predictions.png.
+Any config field can be overridden with --config.a.b=value (Python literals: 4, 2e-4, '((800, 1333),)', True).
+The shapes config writes and prepares its synthetic dataset when it is missing.
+"""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+
+import argparse  # noqa: E402
+import ast  # noqa: E402
+import sys  # noqa: E402
+
+from dimaskdino_jax.config import ConfigError, load_config, validate  # noqa: E402
+
+
+def apply_override(config, dotted: str, raw: str, source: str = '--config') -> None:
+  """Sets config.<dotted> from the command-line string `raw`, parsed as a Python literal (strings stay as typed)."""
+  keys = dotted.split('.')
+  node = config
+  for i, key in enumerate(keys[:-1]):
+    if key not in node:
+      raise ConfigError(f'{source}.{dotted}: no field {".".join(keys[: i + 1])!r} in the config')
+    node = node[key]
+  last = keys[-1]
+  if last not in node:
+    raise ConfigError(f'{source}.{dotted}: no field {dotted!r} in the config')
+  current = node[last]
+  if isinstance(current, str):
+    value = raw
+  elif isinstance(current, bool):
+    if raw.lower() not in ('true', 'false', '1', '0'):
+      raise ConfigError(f'{source}.{dotted}={raw}: expected True or False')
+    value = raw.lower() in ('true', '1')
+  else:
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      if current is not None:
+        raise ConfigError(
+          f'{source}.{dotted}={raw}: not a Python literal (field is {type(current).__name__})'
+        ) from None
+      value = raw
+  try:
+    node[last] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'{source}.{dotted}={raw}: {e}') from None
+
+
+def parse_args(argv):
+  """(argparse namespace, config with --config.a.b overrides applied and validated)."""
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument('--workdir', help='run directory: evaluates its newest checkpoint')
+  where.add_argument('--checkpoint', help='a checkpoint step directory (WORKDIR/checkpoints/STEP)')
+  parser.add_argument('--split', default=None, help='prepared split (default config.data.val_split)')
+  parser.add_argument('--mode', default='buckets', choices=('buckets', 'exact'), help='canvas buckets or exact sizes')
+  parser.add_argument('--per-layer', action='store_true', help='also evaluate the initial prediction and every layer')
+  parser.add_argument('--max-images', type=int, default=None, help='evaluate the first N images only')
+  parser.add_argument('--num-visualize', type=int, default=4, help='images drawn in OUT/predictions.png (0: none)')
+  parser.add_argument('--out', default=None, help='output directory (default WORKDIR/eval)')
+  parser.add_argument('--quiet', action='store_true', help='no progress bar or COCO summaries')
+  args, rest = parser.parse_known_args(argv)
+
+  overrides = []
+  i = 0
+  while i < len(rest):
+    arg = rest[i]
+    if not arg.startswith('--config.'):
+      parser.error(f'unrecognized argument {arg!r}')
+    name, eq, value = arg[len('--config.') :].partition('=')
+    if not eq:
+      if i + 1 >= len(rest):
+        parser.error(f'{arg} needs a value (--config.a.b=value)')
+      value = rest[i + 1]
+      i += 1
+    overrides.append((name, value))
+    i += 1
+
+  try:
+    config = load_config(args.config)
+    for name, value in overrides:
+      apply_override(config, name, value)
+    validate(config, source=args.config)
+  except ConfigError as e:
+    parser.error(str(e))
+  return args, config
+
+
+def default_out_dir(args, step_dir: str) -> str:
+  if args.out:
+    return args.out
+  if args.workdir:
+    return os.path.join(args.workdir, 'eval')
+  parent = os.path.dirname(step_dir)
+  if os.path.basename(parent) == 'checkpoints':
+    return os.path.join(os.path.dirname(parent), 'eval')
+  raise SystemExit(f'error: cannot tell the workdir of {step_dir}; pass --out DIR')
+
+
+def main(argv=None) -> dict:
+  args, config = parse_args(sys.argv[1:] if argv is None else argv)
+  from dimaskdino_jax.data.prepare import ensure_shapes_dataset
+  from dimaskdino_jax.evaluation import evaluator
+
+  try:
+    step_dir, step = evaluator.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
+  except FileNotFoundError as e:
+    raise SystemExit(f'error: {e}') from None
+  out_dir = default_out_dir(args, step_dir)
+  ensure_shapes_dataset(config, verbose=not args.quiet)
+  try:
+    variables = evaluator.restore_variables(config, step_dir)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
+  if not args.quiet:
+    print(f'evaluating {step_dir} (step {step})', flush=True)
+  return evaluator.evaluate(
+    config,
+    variables,
+    split=args.split,
+    mode=args.mode,
+    per_layer=args.per_layer,
+    max_images=args.max_images,
+    out_dir=out_dir,
+    verbose=not args.quiet,
+    num_visualize=args.num_visualize,
+  )
+
+
+if __name__ == '__main__':
+  main()
