@@ -12,6 +12,7 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from dimaskdino_jax.config import ConfigError, validate  # noqa: E402
@@ -23,6 +24,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
   config = _CONFIG.value
   try:
     validate(config, source=flags.FLAGS['config'].config_filename)

@@ -34,6 +34,7 @@ def get_config(arg=None):
   m.msda_impl = 'auto'  # deformable-attention op: 'auto' (Pallas on GPU, XLA elsewhere), 'xla', 'pallas'
   m.remat = False  # rematerialize encoder/decoder layers in the backward pass (saves memory)
   m.size_divisibility = 32  # SIZE_DIVISIBILITY: canvases must be multiples of this
+  m.class_prior_prob = 0.0  # > 0: focal prior bias on class_embed (official: 0, torch's default Linear init)
 
   b = m.backbone = ml_collections.ConfigDict()
   b.depth = 50  # RESNETS.DEPTH
@@ -41,6 +42,8 @@ def get_config(arg=None):
   b.width = 64  # bottleneck width of res2 (d2 WIDTH_PER_GROUP x NUM_GROUPS); doubles per stage
   b.res2_out_channels = 256  # RES2_OUT_CHANNELS (64 for ResNet-18/34)
   b.freeze_at = 0  # FREEZE_AT: 0 = every conv trainable (BN is always frozen)
+  b.norm = 'FrozenBN'  # RESNETS.NORM: 'FrozenBN' (official) or 'GN' (learned GroupNorm, for training from scratch)
+  b.norm_groups = 32  # GroupNorm groups when norm = 'GN'
   b.dtype = 'float32'  # backbone compute dtype ('bfloat16' to save memory)
   b.weights = ''  # optional ImageNet init (.pth / .pkl), read by the converter
 

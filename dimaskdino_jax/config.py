@@ -66,6 +66,8 @@ def validate(config, source='<config>') -> None:
   _require(m.backbone.depth in DEPTHS, source, 'model.backbone.depth', f'{m.backbone.depth} not in {DEPTHS}')
   _require(0 <= m.backbone.freeze_at <= 5, source, 'model.backbone.freeze_at', 'must be in 0..5')
   _require(m.backbone.dtype in ('float32', 'bfloat16'), source, 'model.backbone.dtype', 'float32 or bfloat16')
+  _require(m.backbone.norm in ('FrozenBN', 'GN'), source, 'model.backbone.norm', "'FrozenBN' or 'GN'")
+  _require(0.0 <= m.class_prior_prob < 1.0, source, 'model.class_prior_prob', 'must be in [0, 1)')
   hd = m.hidden_dim
   _require(hd % 2 == 0, source, 'model.hidden_dim', 'must be even (sine embeddings)')
   for name in ('encoder', 'decoder'):

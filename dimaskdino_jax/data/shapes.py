@@ -8,7 +8,8 @@
 
 Three categories with deliberately non-contiguous ids (1 circle, 3 square, 7 triangle). Each image has a
 textured background (random base colour, linear gradient, stripes, noise) and 1-6 shapes of random colour and
-size (circumradius log-uniform from 4 px to 0.45 x the short side, so COCO small, medium and large all occur).
+size (circumradius log-uniform from MIN_RADIUS = 8 px to 0.45 x the short side, so COCO small, medium and large
+all occur; 8 px keeps every object at least two cells wide on the 1/4-resolution mask map of a 128 px canvas).
 Shapes are painted in order, so later shapes occlude earlier ones: every mask, box and area describes the
 visible part only, and shapes hidden (almost) entirely (< 4 visible pixels) are dropped. An unoccluded shape
 is annotated with its polygon (60%) or an RLE; an occluded one with an RLE of its visible part (pycocotools
@@ -74,6 +75,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, n
   return base + grad + stripes, base
 
 
+MIN_RADIUS = 8.0  # px: smallest circumradius of a (non-crowd) shape
+
+
 def _make_image(rng: np.random.Generator, index: int, image_size: int):
   """One image: (uint8 image (H, W, 3), list of (category index, visible mask, full mask, polygon, is_crowd))."""
   if rng.random() < 0.3:
@@ -101,7 +105,7 @@ def _make_image(rng: np.random.Generator, index: int, image_size: int):
       break
     cat = int(rng.integers(0, 3))
     kind = CATEGORIES[cat]['name']
-    r = float(np.exp(rng.uniform(np.log(4.0), np.log(0.45 * short))))
+    r = float(np.exp(rng.uniform(np.log(MIN_RADIUS), np.log(0.45 * short))))
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     angle = 0.0 if (kind == 'square' and rng.random() < 0.5) else rng.uniform(0, 2 * np.pi)
     poly = _polygon(kind, cx, cy, r, angle)

@@ -36,12 +36,15 @@ class FrozenBatchNorm(nn.Module):
 
 
 class ConvNorm(nn.Module):
-  """detectron2 Conv2d(bias=False, norm=FrozenBN): params `conv`, frozen stats `norm`."""
+  """detectron2 Conv2d(bias=False, norm=...): params `conv`, then `norm` = FrozenBN (stats in `frozen_bn`) or
+  GroupNorm (learned; detectron2's NORM='GN', for training from scratch)."""
 
   features: int
   kernel: int
   stride: int = 1
   dtype: jnp.dtype = jnp.float32
+  norm: str = 'FrozenBN'
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
@@ -55,6 +58,8 @@ class ConvNorm(nn.Module):
       dtype=self.dtype,
       name='conv',
     )(x)
+    if self.norm == 'GN':
+      return nn.GroupNorm(num_groups=min(self.norm_groups, self.features), epsilon=1e-5, name='norm')(x)
     return FrozenBatchNorm(name='norm')(x)
 
 
@@ -63,16 +68,20 @@ class BottleneckBlock(nn.Module):
   out_channels: int
   stride: int
   dtype: jnp.dtype = jnp.float32
+  norm: str = 'FrozenBN'
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     if x.shape[-1] != self.out_channels or self.stride != 1:
-      shortcut = ConvNorm(self.out_channels, 1, self.stride, self.dtype, name='shortcut')(x)
+      shortcut = ConvNorm(self.out_channels, 1, self.stride, self.dtype, self.norm, self.norm_groups, name='shortcut')(
+        x
+      )
     else:
       shortcut = x
-    y = nn.relu(ConvNorm(self.bottleneck, 1, 1, self.dtype, name='conv1')(x))
-    y = nn.relu(ConvNorm(self.bottleneck, 3, self.stride, self.dtype, name='conv2')(y))
-    y = ConvNorm(self.out_channels, 1, 1, self.dtype, name='conv3')(y)
+    y = nn.relu(ConvNorm(self.bottleneck, 1, 1, self.dtype, self.norm, self.norm_groups, name='conv1')(x))
+    y = nn.relu(ConvNorm(self.bottleneck, 3, self.stride, self.dtype, self.norm, self.norm_groups, name='conv2')(y))
+    y = ConvNorm(self.out_channels, 1, 1, self.dtype, self.norm, self.norm_groups, name='conv3')(y)
     return nn.relu(y + shortcut)
 
 
@@ -81,15 +90,19 @@ class BasicBlock(nn.Module):
   out_channels: int
   stride: int
   dtype: jnp.dtype = jnp.float32
+  norm: str = 'FrozenBN'
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     if x.shape[-1] != self.out_channels or self.stride != 1:
-      shortcut = ConvNorm(self.out_channels, 1, self.stride, self.dtype, name='shortcut')(x)
+      shortcut = ConvNorm(self.out_channels, 1, self.stride, self.dtype, self.norm, self.norm_groups, name='shortcut')(
+        x
+      )
     else:
       shortcut = x
-    y = nn.relu(ConvNorm(self.out_channels, 3, self.stride, self.dtype, name='conv1')(x))
-    y = ConvNorm(self.out_channels, 3, 1, self.dtype, name='conv2')(y)
+    y = nn.relu(ConvNorm(self.out_channels, 3, self.stride, self.dtype, self.norm, self.norm_groups, name='conv1')(x))
+    y = ConvNorm(self.out_channels, 3, 1, self.dtype, self.norm, self.norm_groups, name='conv2')(y)
     return nn.relu(y + shortcut)
 
 
@@ -109,11 +122,13 @@ class ResNet(nn.Module):
   res2_out_channels: int = 256
   freeze_at: int = 0
   dtype: jnp.dtype = jnp.float32
+  norm: str = 'FrozenBN'  # 'FrozenBN' (official) or 'GN'
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     x = x.astype(self.dtype)
-    x = nn.relu(ConvNorm(self.stem_width, 7, 2, self.dtype, name='stem')(x))
+    x = nn.relu(ConvNorm(self.stem_width, 7, 2, self.dtype, self.norm, self.norm_groups, name='stem')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
@@ -124,7 +139,7 @@ class ResNet(nn.Module):
     ):
       for k in range(blocks):
         stride = 2 if (k == 0 and s > 0) else 1
-        x = block(bott, out, stride, self.dtype, name=f'res{s + 2}_{k}')(x)
+        x = block(bott, out, stride, self.dtype, self.norm, self.norm_groups, name=f'res{s + 2}_{k}')(x)
       if self.freeze_at >= s + 2:
         x = jax.lax.stop_gradient(x)
       outs[f'res{s + 2}'] = x.astype(jnp.float32)

@@ -67,16 +67,18 @@ def dn_queries(rng, labels, boxes, info, num_classes, noise_scale, label_enc):
   centre += u * wh / 2 * scale, wh += u * wh * scale, clamp to [0, 1]. Non-positive slots: content 0, anchor 0.
   Returns content (B, S, d), anchors (B, S, 4) in logit space.
   """
-  k_flip, k_cls, k_box = jax.random.split(rng, 3)
   t = info.gt_index  # (B, S)
   lab = jnp.take_along_axis(labels, t, axis=1)  # (B, S)
   box = jnp.take_along_axis(boxes, t[..., None], axis=1)  # (B, S, 4)
-  flip = jax.random.uniform(k_flip, lab.shape) < noise_scale * 0.5
-  lab = jnp.where(flip, jax.random.randint(k_cls, lab.shape, 0, num_classes), lab)
+  # One draw for everything (each separate threefry call adds compile time on XLA:CPU):
+  # [:, :, 0] label flip, [:, :, 1] random class, [:, :, 2:6] box noise.
+  u = jax.random.uniform(rng, (*lab.shape, 6))
+  flip = u[..., 0] < noise_scale * 0.5
+  rand_cls = jnp.minimum((u[..., 1] * num_classes).astype(jnp.int32), num_classes - 1)
+  lab = jnp.where(flip, rand_cls, lab)
   if noise_scale > 0:
     diff = jnp.concatenate([box[..., 2:] / 2, box[..., 2:]], -1)  # (B, S, 4)
-    u = jax.random.uniform(k_box, box.shape, minval=-1.0, maxval=1.0)
-    box = jnp.clip(box + u * diff * noise_scale, 0.0, 1.0)
+    box = jnp.clip(box + (u[..., 2:] * 2.0 - 1.0) * diff * noise_scale, 0.0, 1.0)
   pos = info.positive[..., None]
   content = jnp.where(pos, label_enc(lab), 0.0)
   anchors = jnp.where(pos, inverse_sigmoid(box), 0.0)

@@ -7,6 +7,7 @@ Shapes: B images, (H, W) canvas, d hidden, C classes, S_e encoder tokens, K = k1
 N_dn = DN slots, (Hm, Wm) = (H/4, W/4) mask-feature map.
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -40,8 +41,12 @@ class Predictor(nn.Module):
     dec = m.decoder
     self.enc_output = nn.Dense(d, kernel_init=xavier_uniform, bias_init=torch_linear_bias_init(d))
     self.enc_output_norm = nn.LayerNorm(epsilon=1e-5)
+    if m.class_prior_prob > 0:  # focal-loss prior (not in the official code, which keeps torch's Linear init)
+      bias_init = nn.initializers.constant(-math.log((1 - m.class_prior_prob) / m.class_prior_prob))
+    else:
+      bias_init = torch_linear_bias_init(d)
     self.class_embed = nn.Dense(
-      c, kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'), bias_init=torch_linear_bias_init(d)
+      c, kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'), bias_init=bias_init
     )
     self.mask_embed = MLP(d, d, 3)
     self.bbox_embed = MLP(d, 4, 3, zero_last=True)  # `_bbox_embed`, shared by selection and every layer
@@ -240,6 +245,8 @@ class DIMaskDINO(nn.Module):
       bb.res2_out_channels,
       bb.freeze_at,
       jnp.bfloat16 if bb.dtype == 'bfloat16' else jnp.float32,
+      bb.norm,
+      bb.norm_groups,
     )
     e = m.encoder
     self.pixel_decoder = PixelDecoder(

@@ -75,6 +75,19 @@ def make_train_step(config, model, tx):
   return step_fn
 
 
+_STEP_CACHE = {}
+
+
+def compiled_train_step(config, model, tx):
+  """The jitted step for (config, model), reused across train() calls in one process (resume tests, sweeps)."""
+  sections = {k: v for k, v in config.to_dict().items() if k not in ('train', 'eval', 'data')}
+  key = (repr(sorted(sections.items())), model)
+  if key not in _STEP_CACHE:
+    _STEP_CACHE.clear()  # keep one: a step holds its compiled executables
+    _STEP_CACHE[key] = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
+  return _STEP_CACHE[key]
+
+
 def batch_to_device(batch):
   return {k: jnp.asarray(v) for k, v in batch.items() if k in ('image', *TARGET_KEYS)}
 
@@ -115,7 +128,7 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
     groups = optim_lib.group_summary(state['params'])
     print('optimizer groups: ' + ', '.join(f'{k}: {v[1]:,}' for k, v in sorted(groups.items())), flush=True)
 
-  step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
+  step_fn = compiled_train_step(config, model, tx)
   t = config.train
   start = int(state['step'])
   writer = MetricWriter(workdir, start_step=start)

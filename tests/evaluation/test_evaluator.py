@@ -45,6 +45,7 @@ TINY_OVERRIDES = {
   'data.eval_canvases': '((64, 64),)',
   'data.test_short_edge': '64',
   'data.test_max_size': '64',
+  'model.backbone.norm': 'FrozenBN',  # the R50 layout: exercises restoring the frozen_bn collection
 }
 
 
@@ -70,6 +71,7 @@ def tiny_config(data_dir, **data):
   m = c.model
   m.hidden_dim, m.encoder.num_groups, m.encoder.ffn_dim, m.decoder.ffn_dim = 32, 16, 64, 64
   m.di.selection_ks, m.decoder.num_queries, m.bato.num_guiding_tokens = (24, 12), 12, 4
+  m.backbone.norm = 'FrozenBN'  # the R50 layout (the shapes config trains a GN backbone from scratch)
   d = c.data
   d.data_dir, d.image_size, d.eval_canvases, d.test_short_edge, d.test_max_size = data_dir, 64, ((64, 64),), 64, 64
   c.eval.batch_size = 4

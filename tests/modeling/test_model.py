@@ -5,33 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimaskdino_jax.config import ConfigError, load_config, validate
+from dimaskdino_jax.config import ConfigError, load_config
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.summary import abstract_variables, count_params
-
-CANVAS = 64
-
-
-def tiny_config(**overrides):
-  c = load_config('configs/shapes.py')
-  c.model.hidden_dim = 32
-  c.model.encoder.num_groups = 16
-  c.model.encoder.ffn_dim = 64
-  c.model.decoder.ffn_dim = 64
-  c.model.di.selection_ks = (24, 12)
-  c.model.decoder.num_queries = 12
-  c.model.bato.num_guiding_tokens = 4
-  c.model.dn.num = 10
-  c.data.image_size = CANVAS
-  c.data.eval_canvases = ((CANVAS, CANVAS),)
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  validate(c)
-  return c
+from tests.tiny import CANVAS, tiny_config
 
 
 def targets(b=2, g=4, counts=(3, 1)):

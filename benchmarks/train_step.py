@@ -1,0 +1,89 @@
+"""Times one jitted training step (forward, losses with host matching, AdamW update) for a config.
+
+  python benchmarks/train_step.py --config configs/shapes.py [--batch-size 8] [--steps 10] [--config.x=y ...]
+
+Random images and GT boxes/masks of the config's shapes (no dataset needed). Prints compile seconds and the
+median step time after warm-up.
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dimaskdino_jax.modeling.model import build_model  # noqa: E402
+from dimaskdino_jax.training import optimizer as optim_lib  # noqa: E402
+from dimaskdino_jax.training.trainer import batch_to_device, init_state, make_train_step  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shapes.py', 'config file')
+_STEPS = flags.DEFINE_integer('steps', 10, 'timed steps')
+_BS = flags.DEFINE_integer('batch_size', 0, 'batch size (0 = config)')
+
+
+def fake_batch(config, bsz, rng):
+  s, g, st = config.data.image_size, config.data.max_instances, config.data.mask_stride
+  n = rng.integers(1, g + 1, bsz)
+  valid = np.arange(g)[None] < n[:, None]
+  cxcy = rng.uniform(0.2, 0.8, (bsz, g, 2))
+  wh = rng.uniform(0.05, 0.3, (bsz, g, 2))
+  masks = np.zeros((bsz, g, s // st, s // st), np.uint8)
+  for b in range(bsz):
+    for j in range(n[b]):
+      x0, y0 = ((cxcy[b, j] - wh[b, j] / 2) * s / st).astype(int).clip(0)
+      x1, y1 = ((cxcy[b, j] + wh[b, j] / 2) * s / st).astype(int)
+      masks[b, j, y0:y1, x0:x1] = 1
+  return dict(
+    image=rng.integers(0, 255, (bsz, s, s, 3), dtype=np.uint8),
+    boxes=np.concatenate([cxcy, wh], -1).astype(np.float32),
+    labels=rng.integers(0, config.model.num_classes, (bsz, g)).astype(np.int32),
+    valid=valid,
+    masks=masks,
+  )
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  bsz = _BS.value or config.train.batch_size
+  model = build_model(config)
+  shape = (bsz, config.data.image_size, config.data.image_size, 3)
+  params_shape = jax.eval_shape(
+    lambda i: model.init({'params': jax.random.key(0), 'dn': jax.random.key(1)}, i),
+    jax.ShapeDtypeStruct(shape, jnp.uint8),
+  )['params']
+  tx = optim_lib.build_optimizer(config, params_shape)
+  state = init_state(config, model, tx, shape)
+  step = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batches = [batch_to_device(fake_batch(config, bsz, rng)) for _ in range(3)]
+  t0 = time.perf_counter()
+  state, m = step(state, batches[0])
+  jax.block_until_ready(m['loss'])
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(_STEPS.value):
+    t0 = time.perf_counter()
+    state, m = step(state, batches[i % 3])
+    jax.block_until_ready(m['loss'])
+    times.append(time.perf_counter() - t0)
+  print(
+    f'config={config.name} batch={bsz} canvas={config.data.image_size} '
+    f'devices={jax.device_count()} ({jax.devices()[0].platform})'
+  )
+  print(
+    f'first step (compile + run): {compile_s:.1f} s; median step {np.median(times) * 1e3:.0f} ms; '
+    f'{bsz / np.median(times):.1f} images/s; loss {float(m["loss"]):.2f}'
+  )
+
+
+if __name__ == '__main__':
+  app.run(main)

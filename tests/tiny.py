@@ -1,0 +1,36 @@
+"""A tiny DI-MaskDINO config (hidden 32, 64 x 64 canvas) shared by tests that compile the model."""
+
+from dimaskdino_jax.config import load_config, validate
+
+CANVAS = 64
+
+
+def set_field(config, dotted, value):
+  node = config
+  *path, leaf = dotted.split('.')
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+
+
+def tiny_config(**overrides):
+  """configs/shapes.py shrunk further; overrides are dotted field names -> values."""
+  c = load_config('configs/shapes.py')
+  c.model.hidden_dim = 32
+  c.model.encoder.num_groups = 16
+  c.model.encoder.ffn_dim = 64
+  c.model.decoder.ffn_dim = 64
+  c.model.di.selection_ks = (24, 12)
+  c.model.decoder.num_queries = 12
+  c.model.bato.num_guiding_tokens = 4
+  c.model.dn.num = 10
+  c.loss.num_points = 64
+  c.matcher.num_points = 64
+  c.data.image_size = CANVAS
+  c.data.eval_canvases = ((CANVAS, CANVAS),)
+  c.data.test_short_edge = CANVAS
+  c.data.test_max_size = CANVAS
+  for key, value in overrides.items():
+    set_field(c, key, value)
+  validate(c)
+  return c

@@ -1,0 +1,69 @@
+"""End-to-end training on a generated dataset: the loss decreases, and a resumed run equals an uninterrupted one."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dimaskdino_jax.data import prepare, shapes
+from dimaskdino_jax.training.trainer import train
+from dimaskdino_jax.training.writers import read_metrics
+from tests.tiny import tiny_config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  raw = str(tmp_path_factory.mktemp('raw'))
+  shapes.write_shapes_dataset(raw, seed=1, num_train=24, num_val=4, image_size=64)
+  out = str(tmp_path_factory.mktemp('prepared'))
+  for split in ('train', 'val'):
+    prepare.prepare_dataset(
+      os.path.join(raw, split),
+      os.path.join(raw, 'annotations', f'instances_{split}.json'),
+      'shapes',
+      split,
+      out,
+      verbose=False,
+    )
+  return out
+
+
+def config_for(data_dir, steps, **overrides):
+  c = tiny_config(**overrides)
+  c.data.data_dir = data_dir
+  c.train.num_steps = steps
+  c.train.batch_size = 4
+  c.train.log_every = 1
+  c.train.checkpoint_every = 3
+  c.train.keep_checkpoints = 5
+  c.optim.lr_drop_steps = (1000,)
+  return c
+
+
+def losses(workdir):
+  return {r['step']: r['loss'] for r in read_metrics(os.path.join(workdir, 'metrics.jsonl'))}
+
+
+def test_loss_decreases(data_dir, tmp_path):
+  wd = str(tmp_path / 'run')
+  train(config_for(data_dir, 40, **{'optim.lr': 5e-4, 'model.decoder.box_init': 'none'}), wd, verbose=False)
+  curve = losses(wd)
+  assert sorted(curve) == list(range(1, 41))
+  first, last = np.mean([curve[s] for s in range(1, 6)]), np.mean([curve[s] for s in range(36, 41)])
+  # Measured: 0.82 with box_init='none'; 0.97-1.0 with mask2box anchors, which degenerate early from scratch.
+  assert np.isfinite(last) and last < 0.9 * first, (first, last)
+
+
+def test_resume_matches_uninterrupted(data_dir, tmp_path):
+  full, parts = str(tmp_path / 'full'), str(tmp_path / 'parts')
+  state_full = train(config_for(data_dir, 6), full, verbose=False)
+  train(config_for(data_dir, 3), parts, verbose=False)  # "interrupted" after the step-3 checkpoint
+  state_parts = train(config_for(data_dir, 6), parts, verbose=False)  # resumes from step 3
+  assert int(state_parts['step']) == int(state_full['step']) == 6
+  a, b = losses(full), losses(parts)
+  assert sorted(b) == list(range(1, 7))
+  for s in range(1, 7):
+    assert a[s] == pytest.approx(b[s], rel=1e-6), (s, a[s], b[s])
+  for x, y in zip(jax.tree.leaves(state_full['params']), jax.tree.leaves(state_parts['params'])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
