@@ -36,9 +36,10 @@ def main(argv=None):
   times = {}
   t0 = time.time()
   config = load_config(args.config)
-  if args.steps:
+  if args.steps:  # rescale the schedule (lr drops) to the new length
+    scale = args.steps / config.train.num_steps
+    config.optim.lr_drop_steps = tuple(int(s * scale) for s in config.optim.lr_drop_steps)
     config.train.num_steps = args.steps
-    config.optim.lr_drop_steps = tuple(int(s * args.steps / 1800) for s in config.optim.lr_drop_steps)
   validate(config, source=args.config)
   ensure_shapes_dataset(config)
   times['dataset_s'] = time.time() - t0
