@@ -216,3 +216,25 @@ def test_config_validation_names_the_field(field, value, needle):
 def test_k1_larger_than_token_count():
   with pytest.raises(ConfigError, match='encoder tokens'):
     tiny_config(**{'model.di.selection_ks': (500, 12)})
+
+
+def test_shapes_config_output_shapes_eval_shape():
+  """The embedded demo config (configs/shapes.py) in training mode, shapes only."""
+  c = load_config('configs/shapes.py')
+  model = build_model(c)
+  s, g = c.data.image_size, c.data.max_instances
+  v = shapes_of(c, s)
+  tg = dict(
+    boxes=jax.ShapeDtypeStruct((2, g, 4), jnp.float32),
+    labels=jax.ShapeDtypeStruct((2, g), jnp.int32),
+    valid=jax.ShapeDtypeStruct((2, g), jnp.bool_),
+  )
+  out = jax.eval_shape(
+    lambda v, i, t: model.apply(v, i, t, train=True, rngs={'dn': jax.random.key(0)}),
+    v,
+    jax.ShapeDtypeStruct((2, s, s, 3), jnp.uint8),
+    tg,
+  )
+  n, q, k1 = c.model.decoder.num_layers + 1, c.model.decoder.num_queries, c.model.di.selection_ks[0]
+  assert out.layers.logits.shape == (n, 2, q, 3) and out.layers.masks.shape == (n, 2, q, s // 4, s // 4)
+  assert out.interm.masks.shape == (2, k1, s // 4, s // 4) and out.dn.boxes.shape == (n, 2, c.model.dn.num, 4)
