@@ -1,6 +1,9 @@
 """A tiny DI-MaskDINO config (hidden 32, 64 x 64 canvas) shared by tests that compile the model."""
 
+import os
+
 from dimaskdino_jax.config import load_config, validate
+from dimaskdino_jax.data import prepare, shapes
 
 CANVAS = 64
 
@@ -34,3 +37,14 @@ def tiny_config(**overrides):
     set_field(c, key, value)
   validate(c)
   return c
+
+
+def prepared_shapes(tmp_path_factory, seed=0, num_train=8, num_val=4, image_size=64):
+  """Writes a small shapes dataset and prepares its train and val splits; returns the prepared data dir."""
+  raw = str(tmp_path_factory.mktemp('shapes_raw'))
+  shapes.write_shapes_dataset(raw, seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
+  out = str(tmp_path_factory.mktemp('prepared'))
+  for split in ('train', 'val'):
+    ann = os.path.join(raw, 'annotations', f'instances_{split}.json')
+    prepare.prepare_dataset(os.path.join(raw, split), ann, 'shapes', split, out, verbose=False)
+  return out

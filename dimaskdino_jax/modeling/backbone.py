@@ -63,47 +63,41 @@ class ConvNorm(nn.Module):
     return FrozenBatchNorm(name='norm')(x)
 
 
-class BottleneckBlock(nn.Module):
-  bottleneck: int
+class _Block(nn.Module):
+  """Shared fields of the residual blocks; `conv(...)` is a ConvNorm with the block's dtype and norm."""
+
+  bottleneck: int  # unused by BasicBlock (the signature is shared)
   out_channels: int
   stride: int
   dtype: jnp.dtype = jnp.float32
   norm: str = 'FrozenBN'
   norm_groups: int = 32
 
+  def conv(self, features, kernel, stride, name):
+    return ConvNorm(features, kernel, stride, self.dtype, self.norm, self.norm_groups, name=name)
+
+  def shortcut(self, x):
+    """Projection shortcut (1x1 conv + norm) when the shape changes, else identity."""
+    if x.shape[-1] != self.out_channels or self.stride != 1:
+      return self.conv(self.out_channels, 1, self.stride, 'shortcut')(x)
+    return x
+
+
+class BottleneckBlock(_Block):
   @nn.compact
   def __call__(self, x):
-    if x.shape[-1] != self.out_channels or self.stride != 1:
-      shortcut = ConvNorm(self.out_channels, 1, self.stride, self.dtype, self.norm, self.norm_groups, name='shortcut')(
-        x
-      )
-    else:
-      shortcut = x
-    y = nn.relu(ConvNorm(self.bottleneck, 1, 1, self.dtype, self.norm, self.norm_groups, name='conv1')(x))
-    y = nn.relu(ConvNorm(self.bottleneck, 3, self.stride, self.dtype, self.norm, self.norm_groups, name='conv2')(y))
-    y = ConvNorm(self.out_channels, 1, 1, self.dtype, self.norm, self.norm_groups, name='conv3')(y)
-    return nn.relu(y + shortcut)
+    y = nn.relu(self.conv(self.bottleneck, 1, 1, 'conv1')(x))
+    y = nn.relu(self.conv(self.bottleneck, 3, self.stride, 'conv2')(y))
+    y = self.conv(self.out_channels, 1, 1, 'conv3')(y)
+    return nn.relu(y + self.shortcut(x))
 
 
-class BasicBlock(nn.Module):
-  bottleneck: int  # unused (signature shared with BottleneckBlock)
-  out_channels: int
-  stride: int
-  dtype: jnp.dtype = jnp.float32
-  norm: str = 'FrozenBN'
-  norm_groups: int = 32
-
+class BasicBlock(_Block):
   @nn.compact
   def __call__(self, x):
-    if x.shape[-1] != self.out_channels or self.stride != 1:
-      shortcut = ConvNorm(self.out_channels, 1, self.stride, self.dtype, self.norm, self.norm_groups, name='shortcut')(
-        x
-      )
-    else:
-      shortcut = x
-    y = nn.relu(ConvNorm(self.out_channels, 3, self.stride, self.dtype, self.norm, self.norm_groups, name='conv1')(x))
-    y = ConvNorm(self.out_channels, 3, 1, self.dtype, self.norm, self.norm_groups, name='conv2')(y)
-    return nn.relu(y + shortcut)
+    y = nn.relu(self.conv(self.out_channels, 3, self.stride, 'conv1')(x))
+    y = self.conv(self.out_channels, 3, 1, 'conv2')(y)
+    return nn.relu(y + self.shortcut(x))
 
 
 def stage_channels(depth, width, res2_out_channels):

@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from dimaskdino_jax.config import load_config, validate
-from dimaskdino_jax.data import prepare, shapes
 from dimaskdino_jax.data.pipeline import EvalLoader
 from dimaskdino_jax.evaluation import evaluator
 from dimaskdino_jax.evaluation.coco_eval import METRIC_NAMES
@@ -25,6 +24,7 @@ from dimaskdino_jax.evaluation.postprocess import TopK
 from dimaskdino_jax.evaluation.visualize import draw_predictions, save_prediction_grid
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training.checkpoint import Checkpointer
+from tests.tiny import prepared_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
@@ -51,19 +51,7 @@ TINY_OVERRIDES = {
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  raw = str(tmp_path_factory.mktemp('shapes_raw'))
-  shapes.write_shapes_dataset(raw, num_train=8, num_val=NUM_VAL, image_size=64)
-  out = str(tmp_path_factory.mktemp('prepared'))
-  for split in ('train', 'val'):
-    prepare.prepare_dataset(
-      os.path.join(raw, split),
-      os.path.join(raw, 'annotations', f'instances_{split}.json'),
-      'shapes',
-      split,
-      out,
-      verbose=False,
-    )
-  return out
+  return prepared_shapes(tmp_path_factory, num_train=8, num_val=NUM_VAL)
 
 
 def tiny_config(data_dir, **data):

@@ -6,27 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from dimaskdino_jax.data import prepare, shapes
 from dimaskdino_jax.training.trainer import train
 from dimaskdino_jax.training.writers import read_metrics
-from tests.tiny import tiny_config
+from tests.tiny import prepared_shapes, tiny_config
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  raw = str(tmp_path_factory.mktemp('raw'))
-  shapes.write_shapes_dataset(raw, seed=1, num_train=24, num_val=4, image_size=64)
-  out = str(tmp_path_factory.mktemp('prepared'))
-  for split in ('train', 'val'):
-    prepare.prepare_dataset(
-      os.path.join(raw, split),
-      os.path.join(raw, 'annotations', f'instances_{split}.json'),
-      'shapes',
-      split,
-      out,
-      verbose=False,
-    )
-  return out
+  return prepared_shapes(tmp_path_factory, seed=1, num_train=24, num_val=4)
 
 
 def config_for(data_dir, steps, **overrides):
