@@ -20,6 +20,7 @@ from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dimaskdino_jax.losses.criterion import compute_losses  # noqa: E402
 from dimaskdino_jax.modeling.model import build_model  # noqa: E402
 from dimaskdino_jax.training import optimizer as optim_lib  # noqa: E402
 from dimaskdino_jax.training.trainer import batch_to_device, init_state, make_train_step  # noqa: E402
@@ -27,6 +28,7 @@ from dimaskdino_jax.training.trainer import batch_to_device, init_state, make_tr
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/shapes.py', 'config file')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps')
 _BS = flags.DEFINE_integer('batch_size', 0, 'batch size (0 = config)')
+_LOSS_ONLY = flags.DEFINE_bool('loss_only', False, 'time only the losses (matching + criterion) on fixed predictions')
 
 
 def fake_batch(config, bsz, rng):
@@ -50,6 +52,28 @@ def fake_batch(config, bsz, rng):
   )
 
 
+def time_losses(config, model, state, batch):
+  """Median time of compute_losses (forward) on the predictions of one fixed batch."""
+  targets = {k: batch[k] for k in ('boxes', 'labels', 'valid', 'masks')}
+  variables = {'params': state['params'], 'frozen_bn': state['frozen_bn']}
+  preds = jax.jit(lambda v, i, t: model.apply(v, i, t, train=True, rngs={'dn': jax.random.key(0)}))(
+    variables, batch['image'], targets
+  )
+  loss = jax.jit(lambda p, t: compute_losses(p, t, jax.random.key(0), config)[0])
+  t0 = time.perf_counter()
+  jax.block_until_ready(loss(preds, targets))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(_STEPS.value):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loss(preds, targets))
+    times.append(time.perf_counter() - t0)
+  print(
+    f'losses only: config={config.name} batch={batch["image"].shape[0]} points={config.loss.num_points}: '
+    f'compile {compile_s:.1f} s, median {np.median(times) * 1e3:.0f} ms'
+  )
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -62,9 +86,12 @@ def main(argv):
   )['params']
   tx = optim_lib.build_optimizer(config, params_shape)
   state = init_state(config, model, tx, shape)
-  step = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
   rng = np.random.default_rng(0)
   batches = [batch_to_device(fake_batch(config, bsz, rng)) for _ in range(3)]
+  if _LOSS_ONLY.value:
+    time_losses(config, model, state, batches[0])
+    return
+  step = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
   t0 = time.perf_counter()
   state, m = step(state, batches[0])
   jax.block_until_ready(m['loss'])

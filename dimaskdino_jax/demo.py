@@ -15,6 +15,13 @@ import time
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
 
+def set_num_steps(config, steps):
+  """Sets train.num_steps and moves the lr drops to the same fractions of the new length."""
+  scale = steps / config.train.num_steps
+  config.optim.lr_drop_steps = tuple(int(s * scale) for s in config.optim.lr_drop_steps)
+  config.train.num_steps = steps
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', default='runs/demo')
@@ -36,10 +43,8 @@ def main(argv=None):
   times = {}
   t0 = time.time()
   config = load_config(args.config)
-  if args.steps:  # rescale the schedule (lr drops) to the new length
-    scale = args.steps / config.train.num_steps
-    config.optim.lr_drop_steps = tuple(int(s * scale) for s in config.optim.lr_drop_steps)
-    config.train.num_steps = args.steps
+  if args.steps:
+    set_num_steps(config, args.steps)
   validate(config, source=args.config)
   ensure_shapes_dataset(config)
   times['dataset_s'] = time.time() - t0

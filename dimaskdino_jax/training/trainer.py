@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 TARGET_KEYS = ('boxes', 'labels', 'valid', 'masks')
 
 
+def abstract_params(model, image_shape):
+  """The model's param tree as ShapeDtypeStructs for images of `image_shape` (no FLOPs spent)."""
+  return jax.eval_shape(
+    lambda i: model.init({'params': jax.random.key(0), 'dn': jax.random.key(1)}, i),
+    jax.ShapeDtypeStruct(image_shape, jnp.uint8),
+  )['params']
+
+
 def init_state(config, model, tx, image_shape):
   """Fresh train state for images of `image_shape` (B, H, W, 3)."""
   rng = jax.random.key(int(config.seed))
@@ -101,27 +109,20 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   ensure_shapes_dataset(config)
   model = build_model(config)
   it = data_iterator if data_iterator is not None else make_train_iterator(config)
-  first = next(it)  # peek for shapes; the iterator is rewound below via its saved state
-  bsz = first['image'].shape
-  # Build an abstract state to restore into (or initialize), then the optimizer from the param tree.
-  model_vars_shape = jax.eval_shape(
-    lambda i: model.init({'params': jax.random.key(0), 'dn': jax.random.key(1)}, i),
-    jax.ShapeDtypeStruct(bsz, jnp.uint8),
-  )
-  tx = optim_lib.build_optimizer(config, model_vars_shape['params'])
+  t = config.train
+  image_shape = (t.batch_size // jax.process_count(), config.data.image_size, config.data.image_size, 3)
+
+  # The optimizer needs the param tree (shapes only); restore into the abstract state, or initialize.
+  tx = optim_lib.build_optimizer(config, abstract_params(model, image_shape))
   ckpt = Checkpointer(workdir, config)
-  state_shape = jax.eval_shape(lambda: init_state(config, model, tx, bsz))
+  state_shape = jax.eval_shape(lambda: init_state(config, model, tx, image_shape))
   restored = ckpt.restore_latest(abstract_state(state_shape), data_iterator=it)
   if restored is not None:
     state = restored['state']
     if verbose:
       print(f'Resumed from {ckpt.directory} at step {int(state["step"])}', flush=True)
-    if restored['data'] is None:
-      first = None  # no iterator state: continue with the peeked batch
   else:
-    state = init_state(config, model, tx, bsz)
-  # The peeked batch is the first step's batch unless the restored iterator state rewound the iterator.
-  pending = [first] if (restored is None or restored['data'] is None) and first is not None else []
+    state = init_state(config, model, tx, image_shape)
 
   if verbose and jax.process_index() == 0:
     print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)
@@ -129,7 +130,6 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
     print('optimizer groups: ' + ', '.join(f'{k}: {v[1]:,}' for k, v in sorted(groups.items())), flush=True)
 
   step_fn = compiled_train_step(config, model, tx)
-  t = config.train
   start = int(state['step'])
   writer = MetricWriter(workdir, start_step=start)
   bar = ProgressBar(t.num_steps, initial=start, enabled=verbose and jax.process_index() == 0)
@@ -137,10 +137,10 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   acc = None
   last_log = time.time()
   step = start
-  # The data state saved with a checkpoint must be the state *after* the batches consumed so far, so the
-  # next batch is fetched only after saving.
+  # The data state saved with a checkpoint is the state after the batches consumed so far: the next batch is
+  # fetched only after saving.
   while step < t.num_steps:
-    batch = pending.pop() if pending else next(it)
+    batch = next(it)
     state, scalars = step_fn(state, batch_to_device(batch))
     step += 1
     if metrics_cls is None:

@@ -178,10 +178,10 @@ def test_variants_run(overrides):
 
 
 def test_r50_parameter_counts():
-  """52,286,232 unique parameters computed from the official shapes (reference 6.3 / 12); tolerance 0.3 %."""
+  """52,286,232 unique parameters counted from the official state_dict (reference section 12): exact."""
   di = shapes_of(load_config('configs/dimaskdino_r50_coco.py'), 256)['params']
   total = count_params(di)
-  assert abs(total - 52_286_232) / 52_286_232 < 0.003, total
+  assert total == 52_286_232, total
   assert abs(count_params(di['backbone']) - 23.45e6) / 23.45e6 < 0.003
   assert abs(count_params(di['pixel_decoder']) - 14.06e6) / 14.06e6 < 0.003
   pred = di['predictor']
@@ -238,3 +238,33 @@ def test_shapes_config_output_shapes_eval_shape():
   n, q, k1 = c.model.decoder.num_layers + 1, c.model.decoder.num_queries, c.model.di.selection_ks[0]
   assert out.layers.logits.shape == (n, 2, q, 3) and out.layers.masks.shape == (n, 2, q, s // 4, s // 4)
   assert out.interm.masks.shape == (2, k1, s // 4, s // 4) and out.dn.boxes.shape == (n, 2, c.model.dn.num, 4)
+
+
+def test_backbone_norm_switch_and_class_prior():
+  gn = shapes_of(tiny_config())  # the shapes config trains a GN backbone from scratch
+  assert 'frozen_bn' not in gn and 'scale' in gn['params']['backbone']['stem']['norm']
+  fbn = shapes_of(tiny_config(**{'model.backbone.norm': 'FrozenBN'}))
+  assert (
+    'norm' not in fbn['params']['backbone']['stem'] and 'running_var' in fbn['frozen_bn']['backbone']['stem']['norm']
+  )
+  prior = tiny_config(**{'model.class_prior_prob': 0.01})
+  model = build_model(prior)
+  v = jax.jit(lambda i: model.init({'params': jax.random.key(0)}, i))(images())
+  np.testing.assert_allclose(v['params']['predictor']['class_embed']['bias'], -np.log(99.0), rtol=1e-6)
+  model = build_model(tiny_config(**{'model.class_prior_prob': 0.0}))  # official: torch's Linear init
+  bias = np.asarray(
+    jax.jit(lambda i: model.init({'params': jax.random.key(0)}, i))(images())['params']['predictor']['class_embed'][
+      'bias'
+    ]
+  )
+  assert np.all(np.abs(bias) <= 1 / np.sqrt(32)) and np.ptp(bias) > 0
+
+
+def test_summary_cli_prints_total_last(capsys):
+  from dimaskdino_jax import summary
+
+  summary.main(['--config', 'configs/shapes.py', '--max-lines', '5'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  want = count_params(abstract_variables(load_config('configs/shapes.py'))['params'])
+  assert lines[-1] == f'total_params: {want}'
+  assert any(line.startswith('backbone: ') for line in lines) and len(lines) > 5
