@@ -31,7 +31,7 @@ def get_config(arg=None):
   m.hidden_dim = 256  # HIDDEN_DIM (= CONVS_DIM = MASK_DIM)
   m.pixel_mean = (123.675, 116.28, 103.53)  # PIXEL_MEAN, RGB, 0-255 scale
   m.pixel_std = (58.395, 57.12, 57.375)  # PIXEL_STD
-  m.msda_impl = 'auto'  # deformable-attention op: 'auto' (Pallas on GPU, XLA elsewhere), 'xla', 'pallas'
+  m.msda_impl = 'auto'  # deformable-attention op: 'auto' (GPU: XLA or Pallas; CPU: 'dense' on small maps, else 'xla')
   m.remat = False  # rematerialize encoder/decoder layers in the backward pass (saves memory)
   m.size_divisibility = 32  # SIZE_DIVISIBILITY: canvases must be multiples of this
   m.class_prior_prob = 0.0  # > 0: focal prior bias on class_embed (official: 0, torch's default Linear init)

@@ -13,7 +13,7 @@ FORMULATIONS = ('official', 'paper')
 GUIDANCES = ('decoder0', 'T_i', 'T_s1', 'T_s2', 'Q_bal')
 BOX_INITS = ('mask2box', 'bitmask', 'none')
 DN_MODES = ('seg', 'none')
-MSDA_IMPLS = ('auto', 'xla', 'pallas')
+MSDA_IMPLS = ('auto', 'xla', 'dense', 'pallas')
 DEPTHS = (18, 34, 50, 101)
 
 
@@ -160,6 +160,7 @@ def validate(config, source='<config>') -> None:
   _require(d.train_transform in ('lsj', 'resize'), source, 'data.train_transform', "'lsj' or 'resize'")
   _require(config.train.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
   _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
-  _require(config.loss.num_points >= 1, source, 'loss.num_points', 'must be >= 1')
+  _require(config.loss.num_points >= 0, source, 'loss.num_points', 'must be >= 0 (0 = every pixel)')
+  _require(config.matcher.num_points >= 0, source, 'matcher.num_points', 'must be >= 0 (0 = every pixel)')
   _require(0.0 <= config.loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]')
   _require(config.loss.oversample_ratio >= 1.0, source, 'loss.oversample_ratio', 'must be >= 1')

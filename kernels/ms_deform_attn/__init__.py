@@ -15,9 +15,11 @@ Semantics are torch `grid_sample(mode='bilinear', padding_mode='zeros', align_co
 pixel x = loc_x * W - 0.5, y = loc_y * H - 0.5, four neighbours, a neighbour outside the map contributes 0
 (reference section 7).
 
-impl: 'xla' (fast pure JAX, hand-written VJP), 'reference' (straightforward pure JAX, autodiff; the test
+impl: 'xla' (fast pure JAX, hand-written VJP), 'dense' (dense sampling matrices and matrix products: fastest on
+CPU for small maps, see dense.py), 'reference' (straightforward pure JAX, autodiff; the test
 oracle), 'pallas' (Pallas/Triton forward kernel, pure-JAX backward; runs with interpret=True off GPU),
-'auto' ('pallas' on GPU once it is enabled there by `PALLAS_ON_GPU`, else 'xla').
+'auto' (on GPU: 'pallas' once it is enabled there by `PALLAS_ON_GPU`, else 'xla'; elsewhere 'dense' when its
+sampling matrix is small (`dense_fits`), else 'xla').
 """
 
 import functools
@@ -25,12 +27,20 @@ import functools
 import jax
 import numpy as np
 
+from kernels.ms_deform_attn.dense import dense_fits, ms_deform_attn_dense
 from kernels.ms_deform_attn.reference import ms_deform_attn_reference
 from kernels.ms_deform_attn.xla import ms_deform_attn_xla
 
-__all__ = ['IMPLS', 'ms_deform_attn', 'ms_deform_attn_reference', 'ms_deform_attn_xla', 'normalize_shapes']
+__all__ = [
+  'IMPLS',
+  'ms_deform_attn',
+  'ms_deform_attn_dense',
+  'ms_deform_attn_reference',
+  'ms_deform_attn_xla',
+  'normalize_shapes',
+]
 
-IMPLS = ('auto', 'xla', 'reference', 'pallas')
+IMPLS = ('auto', 'xla', 'dense', 'reference', 'pallas')
 # Whether 'auto' picks the Pallas kernel on GPU. Off until the kernel has been run and checked on a GPU: so far
 # it is tested in interpret mode and its Triton lowering is checked without a GPU (tests/kernels).
 PALLAS_ON_GPU = False
@@ -38,6 +48,7 @@ PALLAS_ON_GPU = False
 # Jitted with the static level layout, so eager calls compile once per shape (and inline under an outer jit).
 _xla = jax.jit(ms_deform_attn_xla, static_argnums=(1, 2))
 _reference = jax.jit(ms_deform_attn_reference, static_argnums=(1, 2))
+_dense = jax.jit(ms_deform_attn_dense, static_argnums=(1, 2))
 
 
 @functools.cache
@@ -96,11 +107,14 @@ def _check(value, shapes, starts, sampling_locations, attention_weights):
     )
 
 
-def _resolve(impl):
+def _resolve(impl, value, sampling_locations):
   if impl not in IMPLS:
     raise ValueError(f'ms_deform_attn: impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
-    return 'pallas' if (PALLAS_ON_GPU and jax.default_backend() == 'gpu') else 'xla'
+    if jax.default_backend() == 'gpu':
+      return 'pallas' if PALLAS_ON_GPU else 'xla'
+    n, s, m, _ = value.shape
+    return 'dense' if dense_fits(n, sampling_locations.shape[1], m, s) else 'xla'
   return impl
 
 
@@ -108,9 +122,11 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
   """Multi-scale deformable attention; see the module docstring for shapes and semantics."""
   shapes, starts = normalize_shapes(spatial_shapes, level_start_index)
   _check(value, shapes, starts, sampling_locations, attention_weights)
-  impl = _resolve(impl)
+  impl = _resolve(impl, value, sampling_locations)
   if impl == 'xla':
     return _xla(value, shapes, starts, sampling_locations, attention_weights)
+  if impl == 'dense':
+    return _dense(value, shapes, starts, sampling_locations, attention_weights)
   if impl == 'reference':
     return _reference(value, shapes, starts, sampling_locations, attention_weights)
   # impl == 'pallas': the Triton kernel on GPU, the same kernel interpreted as XLA ops elsewhere (slow; tests).

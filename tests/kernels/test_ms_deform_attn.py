@@ -6,15 +6,18 @@ map contributes 0. Its analytic backward is itself checked against central finit
 """
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels.ms_deform_attn import dense as dense_module
 from kernels.ms_deform_attn import ms_deform_attn
+from kernels.ms_deform_attn.dense import dense_fits
 
-IMPLS = ('xla', 'reference', 'pallas')  # 'pallas' runs with interpret=True on CPU
+IMPLS = ('xla', 'dense', 'reference', 'pallas')  # 'pallas' runs with interpret=True on CPU
 SHAPES = ((5, 7), (3, 4), (2, 2))  # non-square, non-power-of-2 levels
 
 
@@ -330,11 +333,18 @@ def test_vmap_of_forward_and_custom_vjp():
 
 def test_auto_dispatch_and_argument_checks():
   value, loc, attn = make_inputs(13)
-  ref = ms_deform_attn(value, SHAPES, None, loc, attn, impl='xla')
+  # On CPU, 'auto' is the dense formulation while its sampling matrix fits, and the gather one beyond.
+  small = ms_deform_attn(value, SHAPES, None, loc, attn, impl='dense')
   # A numpy spatial_shapes and a consistent level_start_index are accepted.
   np_shapes = np.array(SHAPES)
   starts = np.array([0, 35, 47])
-  np.testing.assert_array_equal(ms_deform_attn(value, np_shapes, starts, loc, attn, impl='auto'), ref)
+  np.testing.assert_array_equal(ms_deform_attn(value, np_shapes, starts, loc, attn, impl='auto'), small)
+  n, s, m, _ = value.shape
+  lq = loc.shape[1]
+  assert dense_fits(n, lq, m, s)
+  with mock.patch.object(dense_module, 'DENSE_MAX_ELEMENTS', n * lq * m * s - 1):
+    big = ms_deform_attn(value, SHAPES, None, loc, attn, impl='auto')
+  np.testing.assert_array_equal(big, ms_deform_attn(value, SHAPES, None, loc, attn, impl='xla'))
   with pytest.raises(ValueError, match='level_start_index'):
     ms_deform_attn(value, SHAPES, (0, 35, 48), loc, attn)
   with pytest.raises(ValueError, match='tokens'):
