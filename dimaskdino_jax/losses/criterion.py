@@ -11,6 +11,8 @@ Terms (each normalized by num_masks = number of valid GT in the batch, clamped >
   loss_giou  1 - GIoU over matched pairs.
   loss_mask  per matched pair, mean sigmoid BCE over importance-sampled points.
   loss_dice  per matched pair, 1 - (2 sum(s t) + 1) / (sum(s) + sum(t) + 1) over the same points.
+             With `loss.num_points = 0` both are taken at every pixel of the predicted mask map instead (the GT
+             sampled once at those pixel centres): not the official recipe, a cheaper one for small mask maps.
 Copies: no suffix (final layer), `_{i}` (aux i; i = 0 is the initial prediction), `_interm` (encoder selection),
 `_dn` / `_dn_{i}` (denoising, fixed assignment, normalized by num_masks * num_groups), `oldm_<term>_{i}` (DI
 token-interaction layer i, class + box only; with three or more selections, the layers of the later stages in
@@ -25,10 +27,12 @@ import jax.numpy as jnp
 
 from dimaskdino_jax import box_ops
 from dimaskdino_jax.losses import matcher, point_sampling
-from dimaskdino_jax.losses.point_sampling import point_sample, uncertain_point_coords
+from dimaskdino_jax.losses.point_sampling import pixel_centers, point_sample, uncertain_point_coords
 from dimaskdino_jax.modeling.outputs import HeadOutputs
 
 BOX_TERMS = ('loss_ce', 'loss_bbox', 'loss_giou')
+# `uniform` value that selects the mask losses at every pixel (loss.num_points = 0), see `mask_loss_sums`.
+DENSE = 'dense'
 MASK_TERMS = ('loss_mask', 'loss_dice')
 # A harmless box for padded / unmatched GT so that GIoU and its gradient stay finite where the weight is 0.
 _DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)
@@ -88,8 +92,16 @@ def mask_loss_sums(pred_masks, gt_masks, weights, uniform, loss_cfg):
   """Mask losses with PointRend importance-sampled points (no gradient through the point selection).
 
   pred_masks (..., Hm, Wm), gt_masks (..., Hg, Wg), weights (...): one pair per leading index.
-  uniform: (..., num_uniform_draws, 2) uniform values in [0, 1) for the point sampling of each pair.
+  uniform: (..., num_uniform_draws, 2) uniform values in [0, 1) for the point sampling of each pair; or DENSE:
+  the losses at every pixel of the predicted map, gt_masks then (..., Hm * Wm) (see `gt_at_pixel_centers`).
   """
+  if isinstance(uniform, str):
+    if uniform != DENSE:
+      raise ValueError(f'mask_loss_sums: uniform must be an array or {DENSE!r}, got {uniform!r}')
+    logits = pred_masks.reshape(-1, pred_masks.shape[-2] * pred_masks.shape[-1]).astype(jnp.float32)
+    labels = gt_masks.reshape(logits.shape).astype(jnp.float32)
+    w = weights.reshape(-1).astype(jnp.float32)
+    return jnp.sum(sigmoid_ce_loss(logits, labels) * w), jnp.sum(dice_loss(logits, labels) * w)
   pred = pred_masks.reshape(-1, *pred_masks.shape[-2:])
   gt = gt_masks.reshape(-1, *gt_masks.shape[-2:])
   points = uncertain_point_coords(
@@ -101,6 +113,14 @@ def mask_loss_sums(pred_masks, gt_masks, weights, uniform, loss_cfg):
     uniform=uniform.reshape(-1, *uniform.shape[-2:]),
   )
   return mask_loss_sums_at_points(pred, gt, points, weights.reshape(-1))
+
+
+def gt_at_pixel_centers(gt_masks, hm, wm):
+  """GT masks (B, G, Hg, Wg) sampled at the pixel centres of an (hm, wm) map -> (B, G, hm * wm) float32.
+
+  Exactly the labels that point-sampled losses would read at those points (bilinear, as `point_sample`).
+  """
+  return point_sample(gt_masks, pixel_centers(hm, wm))
 
 
 def num_uniform_draws(loss_cfg):
@@ -119,7 +139,8 @@ def matched_loss_sums(head, targets, query_for_gt, loss_cfg, uniform=None):
   """Unnormalized loss sums of one set of predictions under a Hungarian matching.
 
   head: HeadOutputs (B, Q, ...); query_for_gt (B, G) int32 (-1 = no query); uniform: (B, G, D, 2) uniform
-  values for the mask losses' point sampling (D = num_uniform_draws), or None for no mask losses.
+  values for the mask losses' point sampling (D = num_uniform_draws), DENSE for the losses at every pixel (then
+  targets['mask_points'] (B, G, Hm * Wm) holds the GT at the pixel centres), or None for no mask losses.
   Returns a dict of scalars: loss_ce, loss_bbox, loss_giou and, with masks, loss_mask, loss_dice.
   """
   b, q, c = head.logits.shape
@@ -134,7 +155,8 @@ def matched_loss_sums(head, targets, query_for_gt, loss_cfg, uniform=None):
   out['loss_bbox'], out['loss_giou'] = box_loss_sums(pred_boxes, targets['boxes'], matched)
   if uniform is not None:
     pred_masks = jnp.take_along_axis(head.masks, q_idx[..., None, None], axis=1)  # (B, G, Hm, Wm)
-    out['loss_mask'], out['loss_dice'] = mask_loss_sums(pred_masks, targets['masks'], matched, uniform, loss_cfg)
+    gt_masks = targets['mask_points'] if isinstance(uniform, str) else targets['masks']
+    out['loss_mask'], out['loss_dice'] = mask_loss_sums(pred_masks, gt_masks, matched, uniform, loss_cfg)
   return out
 
 
@@ -157,7 +179,8 @@ def dn_assignment(dn_info, targets, num_classes):
 def dn_loss_sums(head, targets, assignment, loss_cfg, uniform=None):
   """Unnormalized DN loss sums of one set of DN predictions (B, S, ...) under `dn_assignment`.
 
-  uniform: (B, S, D, 2) uniform values for the mask losses' point sampling, or None for no mask losses.
+  uniform: (B, S, D, 2) uniform values for the mask losses' point sampling, DENSE (see `matched_loss_sums`), or
+  None for no mask losses.
   """
   class_targets, class_weight, gt_index, positive = assignment
   focal = sigmoid_focal_loss(head.logits, class_targets, loss_cfg.focal_alpha, loss_cfg.focal_gamma)
@@ -165,7 +188,10 @@ def dn_loss_sums(head, targets, assignment, loss_cfg, uniform=None):
   gt_boxes = jnp.take_along_axis(targets['boxes'], gt_index[..., None], axis=1)  # (B, S, 4)
   out['loss_bbox'], out['loss_giou'] = box_loss_sums(head.boxes, gt_boxes, positive)
   if uniform is not None:
-    gt_masks = jnp.take_along_axis(targets['masks'], gt_index[..., None, None], axis=1)  # (B, S, Hg, Wg)
+    if isinstance(uniform, str):  # (B, S, Hm * Wm) GT at the pixel centres
+      gt_masks = jnp.take_along_axis(targets['mask_points'], gt_index[..., None], axis=1)
+    else:
+      gt_masks = jnp.take_along_axis(targets['masks'], gt_index[..., None, None], axis=1)  # (B, S, Hg, Wg)
     out['loss_mask'], out['loss_dice'] = mask_loss_sums(head.masks, gt_masks, positive, uniform, loss_cfg)
   return out
 
@@ -258,20 +284,35 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
     if with_dn:
       _check_masks(predictions.dn, 'dn')
 
-  draws = num_uniform_draws(lc)
+  dense_loss = int(lc.num_points) == 0  # mask losses / costs at every pixel of the mask map
+  dense_match = int(mc.num_points) == 0
+  if use_masks and (dense_loss or dense_match):
+    hm, wm = predictions.final.masks.shape[-2:]
+    targets['mask_points'] = gt_at_pixel_centers(targets['masks'], hm, wm)  # (B, G, Hm * Wm)
+  draws = 0 if dense_loss else num_uniform_draws(lc)
   shapes = {}
   for name, (head, with_masks) in sets.items():
     if with_masks:
       lead_b = head.logits.shape[:-2]  # (..., B)
-      shapes['match_' + name] = (*lead_b, int(mc.num_points), 2)
-      shapes['loss_' + name] = (*lead_b, g, draws, 2)
-  if with_dn and use_masks:
+      if not dense_match:
+        shapes['match_' + name] = (*lead_b, int(mc.num_points), 2)
+      if not dense_loss:
+        shapes['loss_' + name] = (*lead_b, g, draws, 2)
+  if with_dn and use_masks and not dense_loss:
     shapes['loss_dn'] = (n_dn, b, predictions.dn.logits.shape[-2], draws, 2)
   uniforms = _draw_uniforms(rng, shapes) if shapes else {}
+  if use_masks and dense_loss:
+    uniforms.update({'loss_' + name: DENSE for name, (_, with_masks) in sets.items() if with_masks})
+    uniforms['loss_dn'] = DENSE
+
+  def mask_cost_args(name, with_masks):
+    if with_masks and dense_match:
+      return {'gt_points': targets['mask_points']}
+    return {'points': uniforms.get('match_' + name)}
 
   costs = [
-    matcher.matching_costs(head, targets, mc, uniforms.get('match_' + name), alpha, gamma)
-    for name, (head, _) in sets.items()
+    matcher.matching_costs(head, targets, mc, alpha=alpha, gamma=gamma, **mask_cost_args(name, with_masks))
+    for name, (head, with_masks) in sets.items()
   ]
   matches = dict(zip(sets, matcher.hungarian_match(costs, valid)))
 
@@ -281,12 +322,21 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
     for base, value in sums.items():
       terms[f'{prefix}{base}{suffix}'] = (value if index is None else value[index]) / denom
 
+  def vmapped(fn, num_lead, *args):
+    """fn(*args, uniform) vmapped over num_lead leading axes of args; uniform is an array, DENSE or None."""
+    *args, u = args
+    if isinstance(u, str):  # static: closed over, not mapped
+      g_fn, args = (lambda *a: fn(*a, u)), tuple(args)
+    else:
+      g_fn, args = fn, (*args, u)
+    for _ in range(num_lead):
+      g_fn = jax.vmap(g_fn)
+    return g_fn(*args)
+
   def set_sums(name):
     head = sets[name][0]
     fn = lambda h, q, u: matched_loss_sums(h, targets, q, lc, u)
-    for _ in head.logits.shape[:-3]:  # stacked layers
-      fn = jax.vmap(fn)
-    return fn(head, matches[name], uniforms.get('loss_' + name))
+    return vmapped(fn, len(head.logits.shape[:-3]), head, matches[name], uniforms.get('loss_' + name))
 
   add('', '', set_sums('final'), num_masks)
 
@@ -294,7 +344,8 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
     assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1])
     groups = jnp.asarray(predictions.dn_info.num_groups, jnp.float32)
     dn_denom = num_masks * jnp.maximum(groups, 1.0)
-    sums = jax.vmap(lambda h, u: dn_loss_sums(h, targets, assignment, lc, u))(dn_heads, uniforms.get('loss_dn'))
+    fn = lambda h, u: dn_loss_sums(h, targets, assignment, lc, u)
+    sums = vmapped(fn, 1, dn_heads, uniforms.get('loss_dn'))
     sums = {k: jnp.where(groups > 0, v, 0.0) for k, v in sums.items()}  # DN skipped this step: zero terms
     add('', '_dn', sums, dn_denom, -1)
     for i in range(n_dn - 1):

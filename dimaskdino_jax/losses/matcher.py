@@ -6,7 +6,8 @@ gradient:
   C = cost_class * focal_class + cost_box * L1(cxcywh) + cost_giou * (-GIoU(xyxy))
       + cost_mask * BCE(points) + cost_dice * dice(points)
 
-where the mask costs use one set of `matcher.num_points` uniform points per image (shared by all its masks) and
+where the mask costs use one set of `matcher.num_points` uniform points per image (shared by all its masks), or
+with `matcher.num_points = 0` every pixel centre of the predicted mask map (the GT sampled there once per step), and
 are left out for class+box-only matchings (the DI `oldm` outputs). `hungarian_match` then solves every matching
 of a training step (final, aux, interm, DI aux; all images) in ONE `jax.pure_callback` to
 `scipy.optimize.linear_sum_assignment`, and returns static-shape results: for every matching set and image a
@@ -71,17 +72,23 @@ def image_cost(
   logits (Q, C), boxes (Q, 4) cxcywh; gt_labels (G,), gt_boxes (G, 4), gt_valid (G,);
   weights: mapping with cost_class, cost_box, cost_giou, cost_mask, cost_dice;
   masks (Q, Hm, Wm) logits, gt_masks (G, Hg, Wg), points (P, 2): mask costs, or None for class+box only.
+  With points None and gt_masks (G, Hm * Wm) (the GT already sampled at the pixel centres of the mask map), the
+  mask costs are taken at every pixel.
   """
   cost = weights['cost_class'] * focal_class_cost(logits, gt_labels, alpha, gamma)
   l1, neg_giou = box_costs(boxes, gt_boxes)
   cost = cost + weights['cost_box'] * l1 + weights['cost_giou'] * neg_giou
   if masks is not None:
-    bce, dice = mask_costs(point_sample(masks.astype(jnp.float32), points), point_sample(gt_masks, points))
+    if points is None:
+      point_logits, point_labels = masks.reshape(masks.shape[0], -1).astype(jnp.float32), gt_masks
+    else:
+      point_logits, point_labels = point_sample(masks.astype(jnp.float32), points), point_sample(gt_masks, points)
+    bce, dice = mask_costs(point_logits, point_labels)
     cost = cost + weights['cost_mask'] * bce + weights['cost_dice'] * dice
   return jnp.where(gt_valid[None, :], cost, PAD_COST)
 
 
-def matching_costs(head, targets, matcher_cfg, points=None, alpha=0.25, gamma=2.0):
+def matching_costs(head, targets, matcher_cfg, points=None, alpha=0.25, gamma=2.0, gt_points=None):
   """Cost matrices of one (possibly stacked) set of predictions, without gradient.
 
   head: HeadOutputs with logits (..., B, Q, C), boxes (..., B, Q, 4), masks (..., B, Q, Hm, Wm) or None.
@@ -89,6 +96,8 @@ def matching_costs(head, targets, matcher_cfg, points=None, alpha=0.25, gamma=2.
   matcher_cfg: config.matcher (cost weights).
   points: (..., B, P, 2) uniform (x, y) in [0, 1], one set per image shared by all its masks (the official code
     draws fresh points per matcher call), to add the mask costs; None for class + box costs only.
+  gt_points: instead of points, (B, G, Hm * Wm) the GT masks sampled at every pixel centre of the predicted mask
+    map (`matcher.num_points = 0`): mask costs over all pixels.
   Returns (..., B, Q, G) float32 (padded GT columns PAD_COST).
   """
   weights = {k: float(matcher_cfg[k]) for k in ('cost_class', 'cost_box', 'cost_giou', 'cost_mask', 'cost_dice')}
@@ -96,12 +105,15 @@ def matching_costs(head, targets, matcher_cfg, points=None, alpha=0.25, gamma=2.
   boxes = jax.lax.stop_gradient(head.boxes)
   lead = logits.shape[:-3]
   masks = gt_masks = None
-  if points is not None:
+  if points is not None or gt_points is not None:
     if head.masks is None:
-      raise ValueError('matching_costs: mask-cost points given but the predictions have no masks')
+      raise ValueError('matching_costs: mask costs asked for but the predictions have no masks')
     masks = jax.lax.stop_gradient(head.masks)
-    points = jax.lax.stop_gradient(points)
-    gt_masks = targets['masks']
+    if points is not None:
+      points = jax.lax.stop_gradient(points)
+      gt_masks = targets['masks']
+    else:
+      gt_masks = gt_points
 
   def per_image(lg, bx, m, pt, gl, gb, gv, gm):
     return image_cost(lg, bx, gl, gb, gv, weights, masks=m, gt_masks=gm, points=pt, alpha=alpha, gamma=gamma)

@@ -51,6 +51,16 @@ def point_sample(maps, points):
   return jnp.sum(vals.astype(jnp.float32) * wts, axis=-1)
 
 
+def pixel_centers(h, w):
+  """The centres of every pixel of an (h, w) map as normalized (x, y) points, row-major: (h * w, 2) float32.
+
+  Sampling a map of that size at these points returns its pixels exactly (`point_sample` taps one pixel with
+  weight 1), so losses "at every pixel" are point-sampled losses with this fixed point set.
+  """
+  ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing='ij')
+  return jnp.stack([xs.reshape(-1), ys.reshape(-1)], axis=-1).astype(jnp.float32)
+
+
 def num_uniform_draws(num_points, oversample_ratio, importance_sample_ratio):
   """How many uniform (x, y) draws `uncertain_point_coords` uses per map: oversampled + fresh random points."""
   num_uncertain = int(importance_sample_ratio * num_points)

@@ -260,3 +260,61 @@ def test_switches_remove_terms():
   no_masks = no_dn.replace(layers=no_dn.layers.replace(masks=None))
   with pytest.raises(ValueError, match='mask_losses'):
     criterion.compute_losses(no_masks, targets, jax.random.key(0), cfg)
+
+
+def _pixel_centers_np(hw):
+  ys, xs = np.meshgrid((np.arange(hw[0]) + 0.5) / hw[0], (np.arange(hw[1]) + 0.5) / hw[1], indexing='ij')
+  return np.stack([xs.ravel(), ys.ravel()], -1)
+
+
+def test_dense_mask_losses_are_the_point_losses_at_every_pixel_center():
+  """loss.num_points = 0: BCE and dice over every pixel of the predicted map, GT (finer) sampled at its centres."""
+  cfg = h.tiny_config(num_points=0)
+  targets = h.make_targets(seed=1)
+  head = h.random_head(np.random.default_rng(2), (h.B,), h.Q)
+  q_for_gt = np.array([[4, 0, 2], [1, -1, -1]], np.int32)
+  t = dict(targets, mask_points=criterion.gt_at_pixel_centers(targets['masks'], *h.PRED_HW))
+  got = jax.jit(lambda hd, t, q: criterion.matched_loss_sums(hd, t, q, cfg.loss, criterion.DENSE))(head, t, q_for_gt)
+  pts = _pixel_centers_np(h.PRED_HW)
+  bce = dice = 0.0
+  for i in range(h.B):
+    for j, q in enumerate(q_for_gt[i]):
+      if q >= 0:
+        x = np.asarray(head.masks[i, q], np.float64).ravel()  # the map itself: sampling at centres is exact
+        lab = h.np_point_sample(targets['masks'][i, j].astype(np.float64), pts)
+        bce += h.np_bce(x, lab).mean()
+        dice += h.np_dice(x, lab)
+  np.testing.assert_allclose(float(got['loss_mask']), bce, rtol=1e-5)
+  np.testing.assert_allclose(float(got['loss_dice']), dice, rtol=1e-5)
+  ref = h.np_matched_losses(head.logits, head.boxes, targets, q_for_gt)
+  for k in BOX:
+    np.testing.assert_allclose(float(got[k]), ref[k], rtol=1e-5, err_msg=k)
+
+
+def test_dense_mask_costs_and_losses_through_compute_losses():
+  """num_points = 0 for both the matcher and the losses: same term names, the matcher costs equal the NumPy costs
+  at the pixel centres, and the loss differs from the point-sampled one (different points) but stays close."""
+  preds = h.make_predictions(seed=0)
+  targets = h.make_targets(seed=0)
+  head = h.random_head(np.random.default_rng(3), (h.B,), h.Q)
+  cfg = h.tiny_config(num_points=0)
+  gt_points = criterion.gt_at_pixel_centers(targets['masks'], *h.PRED_HW)
+  costs = jax.jit(lambda hd, t, g: matcher.matching_costs(hd, t, cfg.matcher, gt_points=g))(head, targets, gt_points)
+  pts = _pixel_centers_np(h.PRED_HW)
+  for i in range(h.B):
+    n = int(targets['valid'][i].sum())
+    args = (head.logits[i], head.boxes[i], targets['labels'][i, :n], targets['boxes'][i, :n].astype(np.float64))
+    ref = h.np_match_cost(*args, cfg.matcher, head.masks[i], targets['masks'][i, :n], pts)
+    np.testing.assert_allclose(np.asarray(costs[i, :, :n]), ref, rtol=1e-5, atol=1e-5)
+  dense_total, dense_terms = jax.jit(lambda p, t: criterion.compute_losses(p, t, jax.random.key(0), cfg))(
+    preds, targets
+  )
+  sampled_cfg = h.tiny_config(num_points=64)
+  _, sampled_terms = jax.jit(lambda p, t: criterion.compute_losses(p, t, jax.random.key(0), sampled_cfg))(
+    preds, targets
+  )
+  assert set(dense_terms) == set(sampled_terms)
+  assert np.isfinite(float(dense_total))
+  assert all(np.isfinite(float(v)) for v in dense_terms.values())
+  for k in ('loss_dice', 'loss_dice_dn', 'loss_dice_interm'):
+    assert abs(float(dense_terms[k]) - float(sampled_terms[k])) < 0.25 * float(sampled_terms[k]), k
