@@ -24,6 +24,8 @@ ALLOWED_GLOBALS = frozenset(
     ('numpy.core.multiarray', 'scalar'),
     ('numpy._core.multiarray', '_reconstruct'),
     ('numpy._core.multiarray', 'scalar'),
+    ('numpy.core.numeric', '_frombuffer'),  # protocol-5 pickles of arrays
+    ('numpy._core.numeric', '_frombuffer'),
     ('_codecs', 'encode'),  # protocol-2 pickles of bytes (python 2 era files such as detectron2's R-50.pkl)
   ]
 )
