@@ -5,6 +5,7 @@ itself is checked against the official code by tests/parity (the official state_
 over and reproduces every stage).
 """
 
+import json
 import os
 import pickle
 import re
@@ -74,12 +75,16 @@ def test_r50_state_dict_has_the_official_keys():
     assert sd[key].shape == shape, key
 
 
-def test_maskdino_config_converts_without_di_keys():
+def test_maskdino_config_has_the_official_maskdino_keys():
+  """configs/maskdino_r50_coco.py against the keys and shapes of the official MaskDINODecoder (R50 instance config,
+  built by tests/parity/make_fixtures.py --maskdino); backbone and pixel decoder are DI-MaskDINO's (tests/parity)."""
+  with open(os.path.join(REPO, 'tests', 'parity', 'fixtures', 'maskdino_r50_predictor_keys.json')) as f:
+    official = {k: tuple(v) for k, v in json.load(f)['keys'].items()}
   c = load_config(os.path.join(REPO, 'configs', 'maskdino_r50_coco.py'))
   shapes = tc.model_shapes(c)
   sd = tc.to_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes), c)
-  assert not [k for k in sd if 'oldm' in k or 'query_guide' in k or 'mask_output_conv' in k]
-  assert 'sem_seg_head.predictor.decoder.bbox_embed.8.layers.0.weight' in sd  # 9 decoder layers
+  ours = {k: v.shape for k, v in sd.items() if k.startswith('sem_seg_head.predictor.')}
+  assert ours == official
   convert_state_dict(sd, c, shapes=shapes)
 
 

@@ -14,6 +14,7 @@ What it writes (see fixture_io.py for the configuration and the weight encoding)
   state_dict.npz  the official model's state_dict (every parameter random, FrozenBN statistics random)
   stages.npz      the input images and the official outputs of every stage (names in STAGES of test_parity.py)
   meta.json       versions, commits, seed, configuration
+  maskdino_r50_predictor_keys.json  (with --maskdino) MaskDINO's R50 predictor keys and shapes
 """
 
 import argparse
@@ -356,6 +357,24 @@ def run(model, images):
   return s
 
 
+def write_maskdino_keys(maskdino, out, commit=None):
+  """maskdino_r50_predictor_keys.json: {key: shape} of MaskDINO's R50 instance predictor (9 decoder layers, 300
+  queries, 80 classes, FFN 2048; its backbone and pixel decoder are the ones DI-MaskDINO's fixtures cover)."""
+  pkg = os.path.join(maskdino, 'maskdino')
+  _package('maskdino', pkg)
+  _package('maskdino.modeling', os.path.join(pkg, 'modeling'))
+  decoder = importlib.import_module('maskdino.modeling.transformer_decoder.maskdino_decoder')
+  cfg = official_cfg()
+  cfg.MODEL.MaskDINO.update(TRANSFORMER_DECODER_NAME='MaskDINODecoder', DEC_LAYERS=9, NUM_OBJECT_QUERIES=300)
+  cfg.MODEL.MaskDINO.update(DIM_FEEDFORWARD=2048)
+  cfg.MODEL.SEM_SEG_HEAD.update(NUM_CLASSES=80)
+  model = decoder.MaskDINODecoder(cfg, 256, True)
+  keys = {'sem_seg_head.predictor.' + k: list(v.shape) for k, v in model.state_dict().items()}
+  info = {'maskdino_commit': commit or _git(maskdino), 'keys': keys}
+  with open(os.path.join(out, 'maskdino_r50_predictor_keys.json'), 'w') as f:
+    json.dump(info, f, indent=0, sort_keys=True)
+
+
 def _git(path):
   try:
     return subprocess.check_output(['git', '-C', path, 'rev-parse', 'HEAD'], text=True).strip()
@@ -370,6 +389,8 @@ def main(argv=None):
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'fixtures'))
   parser.add_argument('--official-commit', default=None, help='commit of --official (default: git rev-parse)')
   parser.add_argument('--detectron2-commit', default=None, help='commit of --detectron2 (default: git rev-parse)')
+  parser.add_argument('--maskdino', default=None, help='MaskDINO checkout: also write its R50 predictor keys')
+  parser.add_argument('--maskdino-commit', default=None, help='commit of --maskdino (default: git rev-parse)')
   args = parser.parse_args(argv)
   warnings.filterwarnings('ignore', category=FutureWarning)  # torch.cuda.amp.autocast in the official code
   torch.manual_seed(SEED)
@@ -405,6 +426,8 @@ def main(argv=None):
   }
   with open(os.path.join(args.out, 'meta.json'), 'w') as f:
     json.dump(meta_info, f, indent=2, sort_keys=True)
+  if args.maskdino:
+    write_maskdino_keys(os.path.abspath(args.maskdino), args.out, args.maskdino_commit)
   sizes = {n: os.path.getsize(os.path.join(args.out, n)) for n in ('state_dict.npz', 'stages.npz', 'meta.json')}
   print(f'wrote {args.out}: {len(sd)} state_dict keys, {len(stages)} stage arrays, sizes {sizes}')
 
