@@ -45,7 +45,9 @@ def get_config(arg=None):
   b.norm = 'FrozenBN'  # RESNETS.NORM: 'FrozenBN' (official) or 'GN' (learned GroupNorm, for training from scratch)
   b.norm_groups = 32  # GroupNorm groups when norm = 'GN'
   b.dtype = 'float32'  # backbone compute dtype ('bfloat16' to save memory)
-  b.weights = ''  # optional ImageNet init (.pth / .pkl), read by the converter
+  # ImageNet init for training from scratch (official: detectron2://ImageNetPretrained/torchvision/R-50.pkl): a
+  # torchvision ResNet .pth or detectron2 R-50.pkl path; '' = random init. Ignored when resuming.
+  b.weights = ''
 
   e = m.encoder = ml_collections.ConfigDict()
   e.num_layers = 6  # TRANSFORMER_ENC_LAYERS
@@ -135,6 +137,7 @@ def get_config(arg=None):
   t.checkpoint_every = 5000  # CHECKPOINT_PERIOD
   t.keep_checkpoints = 3  # checkpoints kept in the workdir
   t.eval_every = 0  # steps between evaluations (0 = only at the end)
+  t.init_checkpoint = ''  # fine-tune: start from this checkpoint (e.g. python -m dimaskdino_jax.convert --out)
 
   da = c.data = ml_collections.ConfigDict()
   da.name = 'coco2017'  # dataset name prepared with `python -m dimaskdino_jax.data.prepare`

@@ -159,6 +159,27 @@ def validate(config, source='<config>') -> None:
   _require(d.image_size % d.mask_stride == 0, source, 'data.mask_stride', 'must divide data.image_size')
   _require(d.train_transform in ('lsj', 'resize'), source, 'data.train_transform', "'lsj' or 'resize'")
   _require(config.train.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
+  weights = str(m.backbone.get('weights', '') or '')
+  init_ckpt = str(config.train.get('init_checkpoint', '') or '')
+  if weights:
+    _require(
+      weights.lower().endswith(('.pth', '.pt', '.pkl')),
+      source,
+      'model.backbone.weights',
+      f'{weights!r}: expected a torchvision ResNet .pth or a detectron2 .pkl',
+    )
+    _require(
+      m.backbone.norm == 'FrozenBN',
+      source,
+      'model.backbone.weights',
+      "ImageNet weights carry BatchNorm statistics: needs model.backbone.norm = 'FrozenBN'",
+    )
+    _require(
+      not init_ckpt,
+      source,
+      'train.init_checkpoint',
+      'set either train.init_checkpoint (all weights) or model.backbone.weights (backbone only), not both',
+    )
   _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
   _require(config.loss.num_points >= 0, source, 'loss.num_points', 'must be >= 0 (0 = every pixel)')
   _require(config.matcher.num_points >= 0, source, 'matcher.num_points', 'must be >= 0 (0 = every pixel)')

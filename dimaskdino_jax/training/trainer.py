@@ -17,6 +17,7 @@ import optax
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
+from dimaskdino_jax.convert.init import load_initial_weights
 from dimaskdino_jax.losses.criterion import compute_losses
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
@@ -123,6 +124,7 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
       print(f'Resumed from {ckpt.directory} at step {int(state["step"])}', flush=True)
   else:
     state = init_state(config, model, tx, image_shape)
+    state = load_initial_weights(config, state, verbose=verbose)  # train.init_checkpoint / backbone.weights
 
   if verbose and jax.process_index() == 0:
     print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)
