@@ -512,8 +512,9 @@ def load_coco_instances(
 ) -> CocoDataset:
   """Loads and cleans a COCO instances json whose images live in `image_dir` (see the module docstring).
 
-  check_files: open and decode every image (skipping missing, unreadable, corrupt, too large or wrongly sized
-  ones, and noting colour-mode and EXIF repairs); num_threads of them at a time (default: up to 8).
+  check_files: open and decode every image (skipping unreadable, corrupt, too large or wrongly sized ones, and
+  noting colour-mode and EXIF repairs); num_threads of them at a time (default: up to 8). Without it only missing
+  files are skipped (the loader then flags undecodable records in record_error).
   Images are returned sorted by image id.
   """
   path = annotation_file
@@ -558,7 +559,7 @@ def load_coco_instances(
     seen_image_ids.add(image_id)
     entries.append((image_id, file_name, height, width, os.path.join(image_dir, file_name)))
 
-  checks = [ImageCheck()] * len(entries)
+  checks = [ImageCheck() if os.path.isfile(e[4]) else ImageCheck(MISSING_IMAGE_FILE, e[4]) for e in entries]
   if check_files and entries:
     threads = num_threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL

@@ -423,6 +423,10 @@ class EvalTransform:
       return {**filler, 'record_error': np.bool_(False)}
     try:
       image = decode_image(record['image'])
+      if image.shape[:2] != (int(record['height']), int(record['width'])):
+        raise ValueError(
+          f'decoded image is {image.shape[0]}x{image.shape[1]}, the record says {record["height"]}x{record["width"]}'
+        )
     except DECODE_ERRORS as e:
       log.warning('image id %s: bad record not evaluated (%s: %s)', record.get('image_id'), type(e).__name__, e)
       return {**filler, 'image_id': np.int64(record['image_id']), 'record_error': np.bool_(True)}
