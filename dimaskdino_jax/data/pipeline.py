@@ -91,11 +91,17 @@ def check_dataset(config, prepared: PreparedDataset, *, training: bool = True) -
       f'categories ({names}); set --config.model.num_classes={prepared.num_classes} or point config.data at the '
       'dataset this config is for'
     )
-  if training and not prepared.has_masks and bool(config.loss.mask_losses):
+  box_init = str(config.model.decoder.get('box_init', 'none'))
+  if training and not prepared.has_masks and (bool(config.loss.mask_losses) or box_init != 'none'):
+    problems = []
+    if bool(config.loss.mask_losses):
+      problems.append('config.loss.mask_losses is True (there are no masks to learn)')
+    if box_init != 'none':
+      problems.append(f'config.model.decoder.box_init is {box_init!r} (anchors from masks that nothing trains)')
     raise DatasetError(
-      f'{prepared.path} is detection-only (its annotation file has no segmentation) but config.loss.mask_losses '
-      'is True; set --config.loss.mask_losses=False --config.model.decoder.box_init=none (boxes are then trained '
-      'and evaluated without masks)'
+      f'{prepared.path} is detection-only (its annotation file has no segmentation) but {" and ".join(problems)}; '
+      'set --config.loss.mask_losses=False --config.model.decoder.box_init=none: boxes are then trained without '
+      'masks and evaluated as bbox only'
     )
 
 
