@@ -423,7 +423,7 @@ class EvalTransform:
       return {**filler, 'record_error': np.bool_(False)}
     try:
       image = decode_image(record['image'])
-      if image.shape[:2] != (int(record['height']), int(record['width'])):
+      if 'height' in record and image.shape[:2] != (int(record['height']), int(record['width'])):
         raise ValueError(
           f'decoded image is {image.shape[0]}x{image.shape[1]}, the record says {record["height"]}x{record["width"]}'
         )
