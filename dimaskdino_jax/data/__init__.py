@@ -17,6 +17,7 @@ _EXPORTS = {
   'LabelMap': 'coco_format',
   'load_coco_instances': 'coco_format',
   'EvalLoader': 'pipeline',
+  'check_dataset': 'pipeline',
   'make_train_dataset': 'pipeline',
   'make_train_iterator': 'pipeline',
   'ensure_shapes_dataset': 'prepare',

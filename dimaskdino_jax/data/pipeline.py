@@ -14,8 +14,15 @@ Training (`make_train_iterator(config)`):
     boxes        float32 (B, G, 4)  cxcywh normalized to the padded S x S canvas
     labels       int32 (B, G)       contiguous labels, 0 where not valid
     valid        bool (B, G)        valid slots packed first
-    masks        uint8 (B, G, S/s, S/s)  area average >= 0.5 per stride cell
+    masks        uint8 (B, G, S/s, S/s)  area average >= 0.5 per stride cell (absent for a detection-only dataset)
     num_dropped  int32 (B,)         instances beyond G that were dropped (the G largest are kept)
+    record_error bool (B,)          a record that could not be decoded became a blank example (and was logged)
+
+  Before the first batch, `check_dataset(config, prepared)` fails with a message naming both values when
+  config.model.num_classes differs from the dataset's number of categories, or when a detection-only dataset
+  (no segmentation in its annotation file) meets config.loss.mask_losses = True; then a summary by reason of what
+  was filtered (empty images), skipped and repaired at prepare time, and of the images with more than
+  max_instances instances, is printed (`train_summary`).
 
   The iterator is a grain DatasetIterator: `state = it.get_state()` (a small JSON-able dict) and
   `it.set_state(state)` on a fresh iterator of the same config resume exactly (same next batches). The stream
@@ -29,7 +36,8 @@ filler entries (is_padding True) to a multiple of batch_size x shard_count, so e
 sequence of batch shapes.
 
   batch: image uint8 (B, Hc, Wc, 3), image_id int64 (B,) (-1 for fillers), image_hw int32 (B, 2) resized size
-  inside the canvas, orig_hw int32 (B, 2) original size, is_padding bool (B,)
+  inside the canvas, orig_hw int32 (B, 2) original size, is_padding bool (B,), record_error bool (B,) (an
+  undecodable record: a filler that keeps its image_id, see transforms.EvalTransform)
 """
 
 import math
@@ -38,6 +46,7 @@ import grain
 import numpy as np
 from absl import flags as absl_flags
 
+from dimaskdino_jax.data.coco_format import DatasetError
 from dimaskdino_jax.data.tfds_builder import PreparedDataset
 from dimaskdino_jax.data.transforms import EvalTransform, TrainTransform, choose_canvas, exact_canvas, shortest_edge_hw
 
@@ -72,6 +81,59 @@ def _finish(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   return it_ds
 
 
+def check_dataset(config, prepared: PreparedDataset, *, training: bool = True) -> None:
+  """Raises DatasetError when the config cannot be used with the prepared dataset (see the module docstring)."""
+  n = int(config.model.num_classes)
+  if n != prepared.num_classes:
+    names = ', '.join(prepared.category_names[:10]) + (', ...' if prepared.num_classes > 10 else '')
+    raise DatasetError(
+      f'config.model.num_classes = {n} but the prepared dataset {prepared.path} has {prepared.num_classes} '
+      f'categories ({names}); set --config.model.num_classes={prepared.num_classes} or point config.data at the '
+      'dataset this config is for'
+    )
+  box_init = str(config.model.decoder.get('box_init', 'none'))
+  if training and not prepared.has_masks and (bool(config.loss.mask_losses) or box_init != 'none'):
+    problems = []
+    if bool(config.loss.mask_losses):
+      problems.append('config.loss.mask_losses is True (there are no masks to learn)')
+    if box_init != 'none':
+      problems.append(f'config.model.decoder.box_init is {box_init!r} (anchors from masks that nothing trains)')
+    raise DatasetError(
+      f'{prepared.path} is detection-only (its annotation file has no segmentation) but {" and ".join(problems)}; '
+      'set --config.loss.mask_losses=False --config.model.decoder.box_init=none: boxes are then trained without '
+      'masks and evaluated as bbox only'
+    )
+
+
+def _counts_text(counts: dict) -> str:
+  return ', '.join(f'{reason}: {n}' for reason, n in sorted(counts.items())) or 'none'
+
+
+def train_summary(config, prepared: PreparedDataset, indices) -> str:
+  """What the training pipeline uses and what it leaves out, by reason (printed by make_train_dataset)."""
+  d = config.data
+  g = int(d.max_instances)
+  over = int(np.sum(prepared.index['num_noncrowd'][indices] > g))
+  meta_skip = prepared.metadata.get('skipped', {})
+  meta_fix = prepared.metadata.get('repaired', {})
+  kind = 'boxes and masks' if prepared.has_masks else 'boxes only (detection-only)'
+  lines = [
+    f'data {prepared.name}/{prepared.split} ({prepared.path}): {len(prepared)} images, {len(indices)} used for '
+    f'training ({kind}, {prepared.num_classes} classes)',
+    f'  filtered: {len(prepared) - len(indices)} without non-crowd annotations (data.filter_empty={d.filter_empty})',
+  ]
+  for verb, meta in (('skipped', meta_skip), ('repaired', meta_fix)):
+    for what in ('images', 'annotations'):
+      counts = meta.get(what, {}).get('counts', {})
+      lines.append(f'  {verb} {what} at prepare: {sum(counts.values())} ({_counts_text(counts)})')
+  lines.append(
+    f'  {over} images have more than data.max_instances={g} non-crowd instances: each keeps its {g} largest, '
+    "batch['num_dropped'] counts the rest; undecodable records become blank examples counted in "
+    "batch['record_error']"
+  )
+  return '\n'.join(lines)
+
+
 def train_indices(prepared: PreparedDataset, filter_empty: bool) -> np.ndarray:
   """Record indices used for training: all, or those with >= 1 non-crowd annotation."""
   if filter_empty:
@@ -88,6 +150,7 @@ def make_train_dataset(
   shard_count: int = 1,
   prepared: PreparedDataset | None = None,
   num_workers: int | None = None,
+  verbose: bool = True,
 ) -> grain.IterDataset:
   """The training pipeline as a grain IterDataset (see the module docstring).
 
@@ -104,12 +167,16 @@ def make_train_dataset(
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
   prepared = prepared or PreparedDataset(d.data_dir, d.name, d.train_split)
+  check_dataset(config, prepared)
   indices = train_indices(prepared, bool(d.filter_empty))
   if len(indices) == 0:
     raise ValueError(f'{prepared.path}: no training images with annotations (data.filter_empty={d.filter_empty})')
+  if verbose and shard_index == 0:
+    print(train_summary(config, prepared, indices), flush=True)
   ds = grain.MapDataset.source(_Subset(prepared.data_source, indices))
   ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(TrainTransform.from_config(config), seed=(seed + 1) % _MAX_SEED)
+  transform = TrainTransform.from_config(config, with_masks=prepared.has_masks)
+  ds = ds.random_map(transform, seed=(seed + 1) % _MAX_SEED)
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
   ds = ds.batch(batch_size, drop_remainder=True)
@@ -172,6 +239,7 @@ class EvalLoader:
     if mode not in ('buckets', 'exact'):
       raise ValueError(f"eval mode {mode!r}: choose 'buckets' (data.eval_canvases) or 'exact'")
     self.prepared = prepared or PreparedDataset(d.data_dir, d.name, split or d.val_split)
+    check_dataset(config, self.prepared, training=False)
     self.batch_size = int(batch_size or config.eval.batch_size)
     if max_images is None:
       max_images = int(config.eval.get('max_images', 0))

@@ -1,17 +1,23 @@
 """Prepare a COCO-format dataset split for training/evaluation, and the synthetic shapes dataset on demand.
 
-  python -m dimaskdino_jax.data.prepare --images coco/train2017 \
-      --annotations coco/annotations/instances_train2017.json --name coco2017 --split train --data-dir data
-  python -m dimaskdino_jax.data.prepare --images coco/val2017 \
+  python -m dimaskdino_jax.data.prepare --format coco --images coco/train2017 \
+      --annotations coco/annotations/instances_train2017.json --name coco2017_train
+  python -m dimaskdino_jax.data.prepare --format coco --images coco/val2017 \
       --annotations coco/annotations/instances_val2017.json --name coco2017 --split val --data-dir data
 
-Writes `DATA_DIR/NAME/SPLIT/1.0.0/` (see tfds_builder.py) and prints what was kept and skipped.
+Writes `DATA_DIR/NAME/SPLIT/1.0.0/` (see tfds_builder.py; --data-dir defaults to `data`, the configs'
+data.data_dir) and prints what was kept, skipped and repaired, by reason, and the number of classes to give the
+config. Without --split, a name ending in `_SPLIT` (letters and digits after the last `_`, e.g. `coco2017_train`,
+`bdd100k_val`) is read as NAME_SPLIT: `--name coco2017_train` = `--name coco2017 --split train`, which is what
+`configs/dimaskdino_r50_coco.py` reads (data.name 'coco2017', data.train_split 'train', data.val_split 'val').
+Any COCO-format dataset works the same way (BDD100K's COCO-format export, custom data, detection-only files).
 `ensure_shapes_dataset(config)` generates and prepares the shapes dataset when config.data.name == 'shapes'
 and it is missing, so that `train.py --config configs/shapes.py` works on a fresh clone.
 """
 
 import argparse
 import os
+import re
 import time
 
 from dimaskdino_jax.data import coco_format, shapes, tfds_builder
@@ -21,6 +27,21 @@ SHAPES_NAME = 'shapes'
 SHAPES_SEED = 0  # the shapes dataset is the same whatever the training seed
 SHAPES_NUM_TRAIN = 2000
 SHAPES_NUM_VAL = 200
+DEFAULT_DATA_DIR = 'data'
+_NAME_SPLIT_RE = re.compile(r'^(.+)_([A-Za-z0-9]+)$')
+
+
+def split_name(name: str, split: str | None) -> tuple[str, str]:
+  """(dataset name, split): `split` when given, else NAME_SPLIT parsed from `name` (DatasetError if it is not)."""
+  if split:
+    return name, split
+  match = _NAME_SPLIT_RE.match(name)
+  if not match:
+    raise coco_format.DatasetError(
+      f'--name {name!r}: give --split, or a name ending in _SPLIT such as {name}_train (read as --name {name} '
+      '--split train)'
+    )
+  return match.group(1), match.group(2)
 
 
 def prepare_dataset(
@@ -49,6 +70,12 @@ def prepare_dataset(
   path = tfds_builder.build_dataset(coco, name, split, data_dir, overwrite=True)
   if verbose:
     print(f'prepared {len(coco.images)} images of {name}/{split} in {path} ({time.time() - start:.1f}s)', flush=True)
+    kind = '' if coco.has_masks else ' --config.loss.mask_losses=False --config.model.decoder.box_init=none'
+    print(
+      f'train on it with --config.data.name={name} --config.data.data_dir={data_dir} '
+      f'--config.model.num_classes={coco.label_map.num_classes}{kind}',
+      flush=True,
+    )
   return tfds_builder.PreparedDataset(data_dir, name, split)
 
 
@@ -93,19 +120,22 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description='Prepare a COCO-format split as a tfds array_record dataset.')
   parser.add_argument('--images', required=True, help='directory of the images (file_name is relative to it)')
   parser.add_argument('--annotations', required=True, help='COCO instances json')
-  parser.add_argument('--name', required=True, help='dataset name (config.data.name)')
-  parser.add_argument('--split', required=True, help='split name (config.data.train_split / val_split)')
-  parser.add_argument('--data-dir', required=True, help='output root (config.data.data_dir)')
+  parser.add_argument('--name', required=True, help='dataset name (config.data.name), or NAME_SPLIT without --split')
+  parser.add_argument('--split', default=None, help='split name (config.data.train_split / val_split)')
+  parser.add_argument('--data-dir', default=DEFAULT_DATA_DIR, help='output root (config.data.data_dir)')
   parser.add_argument('--format', default='coco', choices=FORMATS, help='annotation format')
   parser.add_argument('--overwrite', action='store_true', help='rebuild an already prepared split')
-  parser.add_argument('--no-check-files', action='store_true', help='do not open every image to check its size')
+  parser.add_argument(
+    '--no-check-files', action='store_true', help='do not decode every image (only missing files are skipped)'
+  )
   args = parser.parse_args(argv)
   try:
+    name, split = split_name(args.name, args.split)
     prepare_dataset(
       args.images,
       args.annotations,
-      args.name,
-      args.split,
+      name,
+      split,
       args.data_dir,
       fmt=args.format,
       overwrite=args.overwrite,

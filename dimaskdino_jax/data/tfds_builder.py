@@ -18,11 +18,15 @@ image of the sorted ids, and `index` in the metadata describes record i without 
   is_crowd   bool (N,)        crowd regions are kept; training drops them, evaluation needs them
   area       float32 (N,)     the json's area
   ann_ids    int64 (N,)
-  masks      bytes (N,)       compressed COCO RLE counts; each mask's size is (height, width)
+  masks      bytes (N,)       compressed COCO RLE counts; each mask's size is (height, width); b'' in a
+                              detection-only dataset (metadata has_masks False)
+
+An image whose EXIF orientation applies (coco_format.check_image_file) is stored re-encoded as PNG with the
+orientation baked in, so the stored pixels are always what the json's height/width and annotations describe.
 
 The builder metadata (`builder.info.metadata`, i.e. metadata.json) holds the label map (category ids and names),
-the categories, the source paths, the skip summary and the per-record index (image_id, height, width,
-num_instances, num_noncrowd). Read back with `PreparedDataset(data_dir, name, split)`.
+the categories, has_masks, the source paths, the skip and repair summaries and the per-record index (image_id,
+height, width, num_instances, num_noncrowd). Read back with `PreparedDataset(data_dir, name, split)`.
 """
 
 import contextlib
@@ -35,6 +39,7 @@ import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image, ImageOps
 
 from dimaskdino_jax.data.coco_format import CocoDataset, DatasetError, LabelMap
 
@@ -42,6 +47,7 @@ VERSION = '1.0.0'
 GT_FILE = 'instances.json'
 _NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
 _SPLIT_RE = re.compile(r'^[A-Za-z0-9_]+$')
+_PNG_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'P', 'RGB', 'RGBA')
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -67,8 +73,10 @@ def _metadata(coco: CocoDataset) -> dict:
   return {
     'label_map': coco.label_map.to_json(),
     'categories': coco.categories,
+    'has_masks': bool(coco.has_masks),
     'source': {'annotation_file': os.path.abspath(coco.annotation_file), 'image_dir': os.path.abspath(coco.image_dir)},
     'skipped': {'images': coco.skipped_images.to_json(), 'annotations': coco.skipped_annotations.to_json()},
+    'repaired': {'images': coco.repaired_images.to_json(), 'annotations': coco.repaired_annotations.to_json()},
     'index': {
       'image_id': [r.image_id for r in coco.images],
       'height': [r.height for r in coco.images],
@@ -79,9 +87,22 @@ def _metadata(coco: CocoDataset) -> dict:
   }
 
 
+def _image_bytes(record) -> bytes:
+  """The file's bytes, or a PNG of its pixels with the EXIF orientation applied (record.exif_transpose)."""
+  if not record.exif_transpose:
+    with open(record.path, 'rb') as f:
+      return f.read()
+  with Image.open(record.path) as im:
+    oriented = ImageOps.exif_transpose(im)
+    if oriented.mode not in _PNG_MODES:  # e.g. CMYK: PNG cannot store it; decode_image would convert it anyway
+      oriented = oriented.convert('RGB')
+    buf = io.BytesIO()
+    oriented.save(buf, 'PNG')
+  return buf.getvalue()
+
+
 def _example(record) -> dict:
-  with open(record.path, 'rb') as f:
-    image_bytes = f.read()
+  image_bytes = _image_bytes(record)
   anns = record.annotations
   return {
     'image': image_bytes,
@@ -96,7 +117,7 @@ def _example(record) -> dict:
     'is_crowd': np.array([a.iscrowd for a in anns], np.bool_),
     'area': np.array([a.area for a in anns], np.float32),
     'ann_ids': np.array([a.ann_id for a in anns], np.int64),
-    'masks': np.array([a.rle['counts'].encode('ascii') for a in anns], dtype=np.object_),
+    'masks': np.array([b'' if a.rle is None else a.rle['counts'].encode('ascii') for a in anns], dtype=np.object_),
   }
 
 
@@ -210,6 +231,11 @@ class PreparedDataset:
   @property
   def num_classes(self) -> int:
     return self.label_map.num_classes
+
+  @property
+  def has_masks(self) -> bool:
+    """False for a detection-only dataset (no segmentation in its annotation file): records have no masks."""
+    return bool(self.metadata.get('has_masks', True))
 
   @property
   def category_names(self) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ parity).
 
 import dataclasses
 import io
+import logging
 import math
 from collections.abc import Sequence
 
@@ -37,15 +38,39 @@ from PIL import Image
 
 from dimaskdino_jax.data.coco_format import decode_rles
 
+log = logging.getLogger(__name__)
+
+
+# What a bad stored image raises when decoded (PIL: truncated or corrupt data, unknown format, too many pixels).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+  """An open PIL image of any mode -> (H, W, 3) uint8 RGB.
+
+  16-bit modes ('I;16*', and 'I', as 16-bit PNGs and TIFFs load) are scaled by 255 / 65535 (PIL's own convert
+  would clip them at 255); 'F' is clipped to [0, 255]; grayscale, palette, CMYK and alpha modes go through PIL's
+  convert('RGB') (alpha dropped).
+  """
+  if im.mode == 'RGB':
+    return np.asarray(im)
+  if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
+    a = np.asarray(im).astype(np.float32)
+    if im.mode != 'F':
+      a = a * (255.0 / 65535.0)
+    gray = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+  return np.asarray(im.convert('RGB'))
+
 
 def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image bytes -> (H, W, 3) uint8 RGB.
+  """Encoded image bytes -> (H, W, 3) uint8 RGB (`to_rgb`); raises one of DECODE_ERRORS for bad data.
 
-  The EXIF orientation is NOT applied (detectron2's read_image applies it): the stored pixels are what the json's
-  height/width and the annotations describe, which prepare checks.
+  The EXIF orientation is NOT applied here: prepare stores the pixels with it already applied where it applies
+  (tfds_builder), so the stored pixels are what the json's height/width and the annotations describe.
   """
   with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert('RGB'))
+    return to_rgb(im)
 
 
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -111,15 +136,19 @@ class CanvasMask:
 def transform_masks(masks, flip, new_hw, offset, canvas_hw) -> list[CanvasMask]:
   """The geometry of `apply_geometry` applied to (N, H, W) masks by nearest-neighbour sampling.
 
+  `masks` is an (N, H, W) array or any sequence of (H, W) arrays (e.g. decoded one at a time, see _LazyMasks).
   Only the part of the canvas that an instance's source box maps to is computed (cheap at 1024 x 1024).
   """
-  n, h, w = masks.shape
+  if len(masks) == 0:
+    return []
+  h, w = np.shape(masks[0])
   y0, x0 = offset
   ch, cw = min(canvas_hw[0], new_hw[0] - y0), min(canvas_hw[1], new_hw[1] - x0)
   rows = _nearest_index(new_hw[0], h, y0, ch)  # source row of each canvas row, nondecreasing
   cols = _nearest_index(new_hw[1], w, x0, cw)  # source column (in the flipped image) of each canvas column
   out = []
-  for m in masks:
+  for i in range(len(masks)):
+    m = masks[i]
     if flip:
       m = m[:, ::-1]
     ys, xs = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
@@ -196,11 +225,73 @@ def pack_targets(masks: list[CanvasMask], labels, canvas_hw, max_instances: int,
   }
 
 
+def transform_boxes(boxes, hw, flip, new_hw, offset, canvas_hw) -> np.ndarray:
+  """The geometry of `apply_geometry` applied to (N, 4) xyxy boxes in original pixels -> canvas pixels, clipped to
+  the visible (non-padding) part of the canvas; a box that leaves it gets zero area."""
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+  h, w = hw
+  if flip:
+    boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
+  boxes *= np.asarray([new_hw[1] / w, new_hw[0] / h] * 2, np.float32)
+  boxes -= np.asarray([offset[1], offset[0]] * 2, np.float32)
+  ch, cw = min(canvas_hw[0], new_hw[0] - offset[0]), min(canvas_hw[1], new_hw[1] - offset[1])
+  return np.clip(boxes, 0.0, np.asarray([cw, ch, cw, ch], np.float32))
+
+
+def pack_box_targets(boxes, labels, canvas_hw, max_instances: int) -> dict:
+  """Detection-only targets: canvas-pixel xyxy boxes (N, 4) + labels (N,) -> fixed-size targets without masks.
+
+  Boxes with zero width or height are filtered; beyond G the G largest (by box area) are kept in their order.
+  """
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  wh = boxes[:, 2:] - boxes[:, :2]
+  keep = np.nonzero((wh > 0).all(axis=1))[0]
+  num_dropped = max(0, len(keep) - max_instances)
+  if num_dropped:
+    areas = wh[keep, 0] * wh[keep, 1]
+    keep = np.sort(keep[np.argsort(-areas, kind='stable')[:max_instances]])
+  n = len(keep)
+  hc, wc = canvas_hw
+  out_boxes = np.zeros((max_instances, 4), np.float32)
+  b = boxes[keep]
+  out_boxes[:n] = np.stack(
+    [
+      (b[:, 0] + b[:, 2]) / (2 * wc),
+      (b[:, 1] + b[:, 3]) / (2 * hc),
+      (b[:, 2] - b[:, 0]) / wc,
+      (b[:, 3] - b[:, 1]) / hc,
+    ],
+    axis=1,
+  )
+  out_labels = np.zeros((max_instances,), np.int32)
+  out_labels[:n] = np.asarray(labels)[keep]
+  valid = np.zeros((max_instances,), bool)
+  valid[:n] = True
+  return {'boxes': out_boxes, 'labels': out_labels, 'valid': valid, 'num_dropped': np.int32(num_dropped)}
+
+
+class _LazyMasks:
+  """Compressed RLE counts decoded one mask at a time: (H, W) uint8 per index (a very large image never holds
+  all its masks at full resolution at once)."""
+
+  def __init__(self, counts, height: int, width: int):
+    self._counts, self._hw = list(counts), (int(height), int(width))
+
+  def __len__(self) -> int:
+    return len(self._counts)
+
+  def __getitem__(self, i) -> np.ndarray:
+    return decode_rles([self._counts[i]], *self._hw)[0]
+
+
 class TrainTransform:
   """record (a prepared-dataset dict) + rng -> one training example with static shapes.
 
   Output: image uint8 (S, S, 3); boxes float32 (G, 4) cxcywh in [0, 1] of the S x S canvas; labels int32 (G,);
-  valid bool (G,) packed first; masks uint8 (G, S/s, S/s); num_dropped int32 () (instances beyond G).
+  valid bool (G,) packed first; masks uint8 (G, S/s, S/s) (absent when with_masks is False: detection-only data,
+  boxes then follow the geometry and are clipped to the crop); num_dropped int32 () (instances beyond G);
+  record_error bool (): the record could not be decoded (corrupt image bytes, size differing from the record):
+  the example is a pad_value image with no targets, a warning names the image id, and the run goes on.
   """
 
   def __init__(
@@ -213,6 +304,7 @@ class TrainTransform:
     pad_value: int = 128,
     max_instances: int = 100,
     mask_stride: int = 4,
+    with_masks: bool = True,
   ):
     if kind not in ('lsj', 'resize'):
       raise ValueError(f"data.train_transform: {kind!r} is not 'lsj' or 'resize'")
@@ -221,9 +313,10 @@ class TrainTransform:
     self.kind, self.image_size, self.min_scale, self.max_scale = kind, image_size, min_scale, max_scale
     self.random_flip, self.pad_value = random_flip, pad_value
     self.max_instances, self.mask_stride = max_instances, mask_stride
+    self.with_masks = with_masks
 
   @classmethod
-  def from_config(cls, config) -> 'TrainTransform':
+  def from_config(cls, config, with_masks: bool = True) -> 'TrainTransform':
     d = config.data
     return cls(
       kind=d.train_transform,
@@ -234,6 +327,7 @@ class TrainTransform:
       pad_value=int(d.pad_value),
       max_instances=int(d.max_instances),
       mask_stride=int(d.mask_stride),
+      with_masks=with_masks,
     )
 
   def geometry(self, hw, rng: np.random.Generator):
@@ -242,23 +336,41 @@ class TrainTransform:
     return resize_geometry(hw, rng, self.image_size, self.random_flip)
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    try:
+      return self._transform(record, rng)
+    except DECODE_ERRORS as e:
+      log.warning('image id %s: bad record skipped (%s: %s)', record.get('image_id'), type(e).__name__, e)
+      return self.blank_example()
+
+  def blank_example(self) -> dict:
+    """A pad_value image with no targets and record_error True (what a bad record becomes)."""
+    s, g = self.image_size, self.max_instances
+    out = {'image': np.full((s, s, 3), self.pad_value, np.uint8)}
+    if self.with_masks:
+      out.update(pack_targets([], np.zeros((0,), np.int32), (s, s), g, self.mask_stride))
+    else:
+      out.update(pack_box_targets(np.zeros((0, 4)), np.zeros((0,), np.int32), (s, s), g))
+    out['record_error'] = np.bool_(True)
+    return out
+
+  def _transform(self, record: dict, rng: np.random.Generator) -> dict:
     image = decode_image(record['image'])
     h, w = image.shape[:2]
+    if (h, w) != (int(record['height']), int(record['width'])):
+      raise ValueError(f'decoded image is {h}x{w} but the record says {record["height"]}x{record["width"]}')
     keep = ~np.asarray(record['is_crowd'], bool)  # crowd regions are dropped for training
-    counts = [c for c, k in zip(record['masks'], keep) if k]
-    masks = decode_rles(counts, int(record['height']), int(record['width']))
-    if masks.shape[1:] != (h, w):
-      raise ValueError(
-        f'image id {record["image_id"]}: decoded image is {h}x{w} but the record says '
-        f'{record["height"]}x{record["width"]}; re-prepare the dataset'
-      )
     labels = np.asarray(record['labels'], np.int32)[keep]
     canvas_hw = (self.image_size, self.image_size)
     flip, new_hw, offset = self.geometry((h, w), rng)
     canvas = apply_geometry(image, flip, new_hw, offset, canvas_hw, self.pad_value)
-    canvas_masks = transform_masks(masks, flip, new_hw, offset, canvas_hw)
-    targets = pack_targets(canvas_masks, labels, canvas_hw, self.max_instances, self.mask_stride)
-    return {'image': canvas, **targets}
+    if self.with_masks:
+      masks = _LazyMasks([c for c, k in zip(record['masks'], keep) if k], h, w)
+      canvas_masks = transform_masks(masks, flip, new_hw, offset, canvas_hw)
+      targets = pack_targets(canvas_masks, labels, canvas_hw, self.max_instances, self.mask_stride)
+    else:
+      boxes = transform_boxes(np.asarray(record['boxes'], np.float32)[keep], (h, w), flip, new_hw, offset, canvas_hw)
+      targets = pack_box_targets(boxes, labels, canvas_hw, self.max_instances)
+    return {'image': canvas, **targets, 'record_error': np.bool_(False)}
 
 
 def shortest_edge_hw(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, int]:
@@ -292,7 +404,9 @@ class EvalTransform:
   """(record or None, canvas) -> one evaluation example; None gives a filler (is_padding=True).
 
   Output: image uint8 (Hc, Wc, 3); image_id int64; image_hw int32 (2,) resized size inside the canvas (fillers:
-  the canvas size); orig_hw int32 (2,) (fillers: the canvas size); is_padding bool.
+  the canvas size); orig_hw int32 (2,) (fillers: the canvas size); is_padding bool; record_error bool: the
+  record could not be decoded; it becomes a filler (is_padding True, its image_id kept), a warning names it, and
+  the evaluation goes on (its ground truth then counts as missed).
   """
 
   def __init__(self, short_edge: int, max_size: int, pad_value=0):
@@ -303,10 +417,19 @@ class EvalTransform:
     hc, wc = canvas_hw
     canvas = np.empty((hc, wc, 3), np.uint8)
     canvas[...] = self.pad_value
+    hw = np.array([hc, wc], np.int32)
+    filler = {'image': canvas, 'image_id': np.int64(-1), 'image_hw': hw, 'orig_hw': hw, 'is_padding': np.bool_(True)}
     if record is None:
-      hw = np.array([hc, wc], np.int32)
-      return {'image': canvas, 'image_id': np.int64(-1), 'image_hw': hw, 'orig_hw': hw, 'is_padding': np.bool_(True)}
-    image = decode_image(record['image'])
+      return {**filler, 'record_error': np.bool_(False)}
+    try:
+      image = decode_image(record['image'])
+      if 'height' in record and image.shape[:2] != (int(record['height']), int(record['width'])):
+        raise ValueError(
+          f'decoded image is {image.shape[0]}x{image.shape[1]}, the record says {record["height"]}x{record["width"]}'
+        )
+    except DECODE_ERRORS as e:
+      log.warning('image id %s: bad record not evaluated (%s: %s)', record.get('image_id'), type(e).__name__, e)
+      return {**filler, 'image_id': np.int64(record['image_id']), 'record_error': np.bool_(True)}
     h, w = image.shape[:2]
     nh, nw = shortest_edge_hw(h, w, self.short_edge, self.max_size)
     if nh > hc or nw > wc:
@@ -318,4 +441,5 @@ class EvalTransform:
       'image_hw': np.array([nh, nw], np.int32),
       'orig_hw': np.array([h, w], np.int32),
       'is_padding': np.bool_(False),
+      'record_error': np.bool_(False),
     }

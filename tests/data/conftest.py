@@ -49,6 +49,7 @@ def lsj_config(data_dir, **data_overrides):
   config = load_config(os.path.join(REPO, 'configs', 'dimaskdino_r50_coco.py'))
   d = config.data
   d.name, d.data_dir, d.num_workers = 'shapes', data_dir, 0
+  config.model.num_classes = 3  # the shapes dataset's categories
   d.image_size, d.max_instances, d.mask_stride = 128, 4, 4
   d.test_short_edge, d.test_max_size = 64, 128
   d.eval_canvases = ((64, 128), (128, 64), (64, 64), (128, 128))

@@ -30,8 +30,10 @@ def _check_contract(batch, b, s, g, stride, num_classes):
     'valid': (np.bool_, (b, g)),
     'masks': (np.uint8, (b, g, hm, hm)),
     'num_dropped': (np.int32, (b,)),
+    'record_error': (np.bool_, (b,)),
   }
   assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {k: (np.dtype(t), sh) for k, (t, sh) in expected.items()}
+  assert not batch['record_error'].any()
   valid = batch['valid']
   n = valid.sum(axis=1)
   np.testing.assert_array_equal(valid, np.arange(g)[None] < n[:, None])  # valid entries packed first
