@@ -135,6 +135,7 @@ def get_config(arg=None):
   t.checkpoint_every = 5000  # CHECKPOINT_PERIOD
   t.keep_checkpoints = 3  # checkpoints kept in the workdir
   t.eval_every = 0  # steps between evaluations (0 = only at the end)
+  t.max_consecutive_nonfinite = 5  # stop after this many consecutive skipped (non-finite loss / gradient) updates
 
   da = c.data = ml_collections.ConfigDict()
   da.name = 'coco2017'  # dataset name prepared with `python -m dimaskdino_jax.data.prepare`
