@@ -138,6 +138,7 @@ def get_config(arg=None):
   t.keep_checkpoints = 3  # checkpoints kept in the workdir
   t.eval_every = 0  # steps between evaluations (0 = only at the end)
   t.init_checkpoint = ''  # fine-tune: start from this checkpoint (e.g. python -m dimaskdino_jax.convert --out)
+  t.max_consecutive_nonfinite = 5  # stop after this many consecutive skipped (non-finite loss / gradient) updates
 
   da = c.data = ml_collections.ConfigDict()
   da.name = 'coco2017'  # dataset name prepared with `python -m dimaskdino_jax.data.prepare`
