@@ -48,15 +48,15 @@ def get_config(arg=None):
   o.lr = 1e-3  # a tiny model trained from scratch learns faster with a larger lr
   o.backbone_multiplier = 1.0  # no ImageNet init: the backbone learns at the full rate
   o.clip_norm = 0.1
-  o.lr_drop_steps = (850,)
+  o.lr_drop_steps = (1700,)
   o.warmup_steps = 50
   o.warmup_factor = 0.1
 
   t = c.train
-  t.num_steps = 1000
+  t.num_steps = 2000  # ~0.3 s per step on an idle 2-core CPU (estimated, BENCHMARKS.md)
   t.batch_size = 8
   t.log_every = 50
-  t.checkpoint_every = 500
+  t.checkpoint_every = 1000
   t.keep_checkpoints = 2
 
   d = c.data
