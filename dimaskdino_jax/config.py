@@ -15,6 +15,7 @@ BOX_INITS = ('mask2box', 'bitmask', 'none')
 DN_MODES = ('seg', 'none')
 MSDA_IMPLS = ('auto', 'xla', 'dense', 'pallas')
 DEPTHS = (18, 34, 50, 101)
+TRAINABLE = ('all', 'mask_branch')  # train.trainable (training/partition.py)
 
 
 class ConfigError(ValueError):
@@ -159,6 +160,8 @@ def validate(config, source='<config>') -> None:
   _require(d.image_size % d.mask_stride == 0, source, 'data.mask_stride', 'must divide data.image_size')
   _require(d.train_transform in ('lsj', 'resize'), source, 'data.train_transform', "'lsj' or 'resize'")
   _require(config.train.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
+  trainable = config.train.get('trainable', 'all')
+  _require(trainable in TRAINABLE, source, 'train.trainable', f'{trainable!r}: choose one of {TRAINABLE}')
   weights = str(m.backbone.get('weights', '') or '')
   init_ckpt = str(config.train.get('init_checkpoint', '') or '')
   if weights:

@@ -21,6 +21,7 @@ from dimaskdino_jax.convert.init import load_initial_weights
 from dimaskdino_jax.losses.criterion import compute_losses
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
+from dimaskdino_jax.training import partition
 from dimaskdino_jax.training.checkpoint import Checkpointer, abstract_state
 from dimaskdino_jax.training.writers import MetricWriter, ProgressBar
 
@@ -48,7 +49,7 @@ def init_state(config, model, tx, image_shape):
     'step': jnp.zeros((), jnp.int32),
     'params': params,
     'frozen_bn': variables.get('frozen_bn', {}),
-    'opt_state': tx.init(params),
+    'opt_state': tx.init(partition.trainable_params(config, params)),  # trainable leaves only
     'rng': k_train,
   }
 
@@ -59,23 +60,31 @@ def make_metrics_class(names):
 
 
 def make_train_step(config, model, tx):
-  """(state, batch) -> (state, scalars dict). Jit it with donate_argnums=0."""
+  """(state, batch) -> (state, scalars dict). Jit it with donate_argnums=0.
+
+  Only the parameters selected by config.train.trainable are differentiated and updated (partition.py); the
+  others are closed over behind stop_gradient and returned unchanged.
+  """
+  predicate = partition.trainable_predicate(config)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
     k_dn, k_loss = jax.random.split(rng)
     targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
 
-    def loss_fn(params):
+    trainable, frozen = partition.split_params(state['params'], predicate)
+
+    def loss_fn(trainable):
+      params = partition.merge_params(trainable, jax.lax.stop_gradient(frozen))
       preds = model.apply(
         {'params': params, 'frozen_bn': state['frozen_bn']}, batch['image'], targets, train=True, rngs={'dn': k_dn}
       )
       total, terms = compute_losses(preds, targets, k_loss, config)
       return total, terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state['opt_state'], trainable)
+    params = partition.merge_params(optax.apply_updates(trainable, updates), frozen)
     scalars = {'loss': loss, 'grad_norm': optax.global_norm(grads), **terms}
     scalars['lr'] = optim_lib.learning_rate(opt_state)
     new_state = {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
@@ -90,7 +99,7 @@ _STEP_CACHE = {}
 def compiled_train_step(config, model, tx):
   """The jitted step for (config, model), reused across train() calls in one process (resume tests, sweeps)."""
   sections = {k: v for k, v in config.to_dict().items() if k not in ('train', 'eval', 'data')}
-  key = (repr(sorted(sections.items())), model)
+  key = (repr(sorted(sections.items())), str(config.train.get('trainable', 'all')), model)
   if key not in _STEP_CACHE:
     _STEP_CACHE.clear()  # keep one: a step holds its compiled executables
     _STEP_CACHE[key] = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
@@ -114,7 +123,7 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   image_shape = (t.batch_size // jax.process_count(), config.data.image_size, config.data.image_size, 3)
 
   # The optimizer needs the param tree (shapes only); restore into the abstract state, or initialize.
-  tx = optim_lib.build_optimizer(config, abstract_params(model, image_shape))
+  tx = optim_lib.build_optimizer(config, partition.trainable_params(config, abstract_params(model, image_shape)))
   ckpt = Checkpointer(workdir, config)
   state_shape = jax.eval_shape(lambda: init_state(config, model, tx, image_shape))
   restored = ckpt.restore_latest(abstract_state(state_shape), data_iterator=it)
@@ -128,7 +137,9 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
 
   if verbose and jax.process_index() == 0:
     print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)
-    groups = optim_lib.group_summary(state['params'])
+    groups = optim_lib.group_summary(partition.trainable_params(config, state['params']))
+    if partition.trainable_predicate(config) is not None:
+      print(partition.describe(config, state['params']), flush=True)
     print('optimizer groups: ' + ', '.join(f'{k}: {v[1]:,}' for k, v in sorted(groups.items())), flush=True)
 
   step_fn = compiled_train_step(config, model, tx)
