@@ -70,6 +70,14 @@ def parse_args(argv):
   parser.add_argument('--num-visualize', type=int, default=4, help='images drawn in OUT/predictions.png (0: none)')
   parser.add_argument('--out', default=None, help='output directory (default WORKDIR/eval)')
   parser.add_argument('--quiet', action='store_true', help='no progress bar or COCO summaries')
+  return parse_config_overrides(parser, argv)
+
+
+def parse_config_overrides(parser, argv):
+  """parser.parse_known_args(argv), then the --config.a.b=value overrides applied to --config, validated.
+
+  Returns (args, config); errors go through parser.error. Shared by eval.py and predict.py.
+  """
   args, rest = parser.parse_known_args(argv)
 
   overrides = []
