@@ -17,43 +17,9 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
 import argparse  # noqa: E402
-import ast  # noqa: E402
 import sys  # noqa: E402
 
-from dimaskdino_jax.config import ConfigError, load_config, validate  # noqa: E402
-
-
-def apply_override(config, dotted: str, raw: str, source: str = '--config') -> None:
-  """Sets config.<dotted> from the command-line string `raw`, parsed as a Python literal (strings stay as typed)."""
-  keys = dotted.split('.')
-  node = config
-  for i, key in enumerate(keys[:-1]):
-    if key not in node:
-      raise ConfigError(f'{source}.{dotted}: no field {".".join(keys[: i + 1])!r} in the config')
-    node = node[key]
-  last = keys[-1]
-  if last not in node:
-    raise ConfigError(f'{source}.{dotted}: no field {dotted!r} in the config')
-  current = node[last]
-  if isinstance(current, str):
-    value = raw
-  elif isinstance(current, bool):
-    if raw.lower() not in ('true', 'false', '1', '0'):
-      raise ConfigError(f'{source}.{dotted}={raw}: expected True or False')
-    value = raw.lower() in ('true', '1')
-  else:
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      if current is not None:
-        raise ConfigError(
-          f'{source}.{dotted}={raw}: not a Python literal (field is {type(current).__name__})'
-        ) from None
-      value = raw
-  try:
-    node[last] = value
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'{source}.{dotted}={raw}: {e}') from None
+from dimaskdino_jax.config import parse_config_overrides  # noqa: E402
 
 
 def parse_args(argv):
@@ -71,38 +37,6 @@ def parse_args(argv):
   parser.add_argument('--out', default=None, help='output directory (default WORKDIR/eval)')
   parser.add_argument('--quiet', action='store_true', help='no progress bar or COCO summaries')
   return parse_config_overrides(parser, argv)
-
-
-def parse_config_overrides(parser, argv):
-  """parser.parse_known_args(argv), then the --config.a.b=value overrides applied to --config, validated.
-
-  Returns (args, config); errors go through parser.error. Shared by eval.py and predict.py.
-  """
-  args, rest = parser.parse_known_args(argv)
-
-  overrides = []
-  i = 0
-  while i < len(rest):
-    arg = rest[i]
-    if not arg.startswith('--config.'):
-      parser.error(f'unrecognized argument {arg!r}')
-    name, eq, value = arg[len('--config.') :].partition('=')
-    if not eq:
-      if i + 1 >= len(rest):
-        parser.error(f'{arg} needs a value (--config.a.b=value)')
-      value = rest[i + 1]
-      i += 1
-    overrides.append((name, value))
-    i += 1
-
-  try:
-    config = load_config(args.config)
-    for name, value in overrides:
-      apply_override(config, name, value)
-    validate(config, source=args.config)
-  except ConfigError as e:
-    parser.error(str(e))
-  return args, config
 
 
 def default_out_dir(args, step_dir: str) -> str:

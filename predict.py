@@ -19,7 +19,7 @@ os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-redu
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from eval import parse_config_overrides  # noqa: E402
+from dimaskdino_jax.config import parse_config_overrides  # noqa: E402
 
 
 def main(argv=None) -> dict:
