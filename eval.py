@@ -8,6 +8,8 @@ r"""Evaluate a DI-MaskDINO checkpoint with COCO bbox / segm AP.
 --workdir evaluates the newest complete checkpoint in WORKDIR/checkpoints; --checkpoint takes a step directory
 (or a checkpoints directory / workdir: its newest step). Metrics go to OUT/metrics.json (default WORKDIR/eval; for
 --checkpoint the workdir holding its checkpoints/ directory) with a grid of a few predictions in OUT/predictions.png.
+--per-layer adds OUT/per_layer.png: AP box and AP mask of every decoder layer and the imbalance at the first and the
+final layer (the paper's Fig. 1).
 Any config field can be overridden with --config.a.b=value (Python literals: 4, 2e-4, '((800, 1333),)', True).
 The shapes config writes and prepares its synthetic dataset when it is missing.
 """
@@ -20,6 +22,8 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 
 from dimaskdino_jax.config import parse_config_overrides  # noqa: E402
+
+PER_LAYER_PLOT = 'per_layer.png'  # --per-layer: AP box / AP mask per decoder layer (the paper's Fig. 1)
 
 
 def parse_args(argv):
@@ -67,7 +71,7 @@ def main(argv=None) -> dict:
     raise SystemExit(f'error: {e}') from None
   if not args.quiet:
     print(f'evaluating {step_dir} (step {step})', flush=True)
-  return evaluator.evaluate(
+  metrics = evaluator.evaluate(
     config,
     variables,
     split=args.split,
@@ -78,6 +82,15 @@ def main(argv=None) -> dict:
     verbose=not args.quiet,
     num_visualize=args.num_visualize,
   )
+  if args.per_layer and isinstance(metrics, dict) and 'per_layer' in metrics:
+    from dimaskdino_jax.analysis.plots import plot_per_layer
+
+    path = plot_per_layer(
+      metrics['per_layer'], os.path.join(out_dir, PER_LAYER_PLOT), title=f'{config.name}, step {step}'
+    )
+    if not args.quiet:
+      print(f'wrote {path}', flush=True)
+  return metrics
 
 
 if __name__ == '__main__':
