@@ -12,16 +12,14 @@ from dimaskdino_jax.evaluation import evaluator
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training.checkpoint import Checkpointer
 from tests.evaluation.test_evaluator import FAST, TINY_OVERRIDES, tiny_config
+from tests.tiny import init_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def variables():
-  model = build_model(tiny_config('unused'))
-  images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
-  init = jax.jit(model.init).lower(jax.random.key(0), images).compile(compiler_options=FAST)
-  return init(jax.random.key(0), images)
+  return init_variables('evaluator_tiny', lambda: tiny_config('unused'))  # shared with test_inference.py
 
 
 def test_exported_model_matches_live_model(variables, tmp_path):

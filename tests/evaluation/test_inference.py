@@ -19,7 +19,7 @@ from dimaskdino_jax.evaluation.postprocess import postprocess_batch
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training.checkpoint import Checkpointer
 from tests.evaluation.test_evaluator import FAST, TINY_OVERRIDES, tiny_config
-from tests.tiny import prepared_shapes
+from tests.tiny import init_variables, prepared_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,11 +30,8 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def variables(data_dir):
-  model = build_model(tiny_config(data_dir))
-  images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
-  init = jax.jit(model.init).lower(jax.random.key(0), images).compile(compiler_options=FAST)
-  return init(jax.random.key(0), images)
+def variables():
+  return init_variables('evaluator_tiny', lambda: tiny_config('unused'))  # shared with tests/test_export.py
 
 
 def _close(a, b):

@@ -84,6 +84,11 @@ def test_frozen_step_updates_only_the_mask_branch():
       'model.decoder.num_layers': 2,
       'loss.num_points': 16,
       'matcher.num_points': 16,
+      # A smaller graph to compile: the partition does not depend on these.
+      'model.dn.mode': 'none',
+      'loss.deep_supervision': False,
+      'loss.interm_losses': False,
+      'loss.di_aux_losses': False,
     }
   )
   config.optim.warmup_steps = 0
