@@ -54,21 +54,39 @@ def default_out_dir(args, step_dir: str) -> str:
   raise SystemExit(f'error: cannot tell the workdir of {step_dir}; pass --out DIR')
 
 
+def restore_newest(evaluator, config, args, verbose=True, attempts=3):
+  """(step_dir, step, variables) of the checkpoint to evaluate; safe on the workdir of a live training run.
+
+  Only complete checkpoints are listed (orbax renames `<step>.orbax-checkpoint-tmp` to `<step>` when a write is
+  done). The trainer deletes old checkpoints as it writes new ones (train.keep_checkpoints): when the step directory
+  disappears while it is being read, the newest complete checkpoint is resolved and read again.
+  """
+  for attempt in range(attempts):
+    try:
+      step_dir, step = evaluator.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
+    except FileNotFoundError as e:
+      raise SystemExit(f'error: {e}') from None
+    try:
+      return step_dir, step, evaluator.restore_variables(config, step_dir)
+    except Exception as e:  # the step may have been deleted mid-read: decided below, else re-raised
+      if not os.path.isdir(step_dir) and attempt + 1 < attempts:
+        if verbose:
+          print(f'{step_dir} was deleted while being read (a newer checkpoint replaced it); retrying', flush=True)
+        continue
+      if isinstance(e, ValueError | FileNotFoundError):
+        raise SystemExit(f'error: {e}') from None
+      raise
+  raise AssertionError('unreachable')
+
+
 def main(argv=None) -> dict:
   args, config = parse_args(sys.argv[1:] if argv is None else argv)
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
   from dimaskdino_jax.evaluation import evaluator
 
-  try:
-    step_dir, step = evaluator.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
-  except FileNotFoundError as e:
-    raise SystemExit(f'error: {e}') from None
+  step_dir, step, variables = restore_newest(evaluator, config, args, verbose=not args.quiet)
   out_dir = default_out_dir(args, step_dir)
   ensure_shapes_dataset(config, verbose=not args.quiet)
-  try:
-    variables = evaluator.restore_variables(config, step_dir)
-  except ValueError as e:
-    raise SystemExit(f'error: {e}') from None
   if not args.quiet:
     print(f'evaluating {step_dir} (step {step})', flush=True)
   metrics = evaluator.evaluate(

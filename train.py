@@ -5,9 +5,15 @@
 
 Any config field can be overridden with --config.a.b=value. Training resumes from the newest complete
 checkpoint in --workdir. The shapes config writes and prepares its synthetic dataset when it is missing.
+
+Exit status: 0 done; 1 a training error (non-finite updates, checkpoint write failure, checkpoint / config
+mismatch), printed without a traceback; 128 + N after signal N (SIGTERM 143, SIGINT 130), once a checkpoint of the
+current step is written: rerun the same command to resume.
 """
 
 import os
+import shlex
+import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
@@ -30,9 +36,17 @@ def main(argv):
     validate(config, source=flags.FLAGS['config'].config_filename)
   except ConfigError as e:
     raise app.UsageError(str(e)) from e
-  from dimaskdino_jax.training.trainer import train
+  from dimaskdino_jax.training.checkpoint import CheckpointError, CheckpointMismatchError
+  from dimaskdino_jax.training.trainer import NonFiniteError, TrainingInterrupted, train
 
-  train(config, _WORKDIR.value)
+  try:
+    train(config, _WORKDIR.value)
+  except TrainingInterrupted as e:
+    print(f'{e}\nTo resume: python {shlex.join(sys.argv)}', file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
+  except (NonFiniteError, CheckpointError, CheckpointMismatchError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

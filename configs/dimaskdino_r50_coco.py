@@ -141,6 +141,7 @@ def get_config(arg=None):
   # Parameters trained: 'all', or 'mask_branch' (Mask Frozen-DETR mode: the detector is frozen, only the mask
   # features, mask_embed and BATO's mask-feature update train; training/partition.py). Usually with init_checkpoint.
   t.trainable = 'all'
+  t.max_consecutive_nonfinite = 5  # stop after this many consecutive skipped (non-finite loss / gradient) updates
 
   da = c.data = ml_collections.ConfigDict()
   da.name = 'coco2017'  # dataset name prepared with `python -m dimaskdino_jax.data.prepare`

@@ -160,7 +160,16 @@ def validate(config, source='<config>') -> None:
   _require(d.mask_stride in (1, 2, 4, 8), source, 'data.mask_stride', 'must be 1, 2, 4 or 8')
   _require(d.image_size % d.mask_stride == 0, source, 'data.mask_stride', 'must divide data.image_size')
   _require(d.train_transform in ('lsj', 'resize'), source, 'data.train_transform', "'lsj' or 'resize'")
-  _require(config.train.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
+  t = config.train
+  _require(t.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
+  for field in ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'max_consecutive_nonfinite'):
+    _require(field in t, source, f'train.{field}', 'missing (see configs/dimaskdino_r50_coco.py)')
+    _require(
+      isinstance(t[field], int) and t[field] >= 1,
+      source,
+      f'train.{field}',
+      f'must be an integer >= 1, got {t[field]!r}',
+    )
   trainable = config.train.get('trainable', 'all')
   _require(trainable in TRAINABLE, source, 'train.trainable', f'{trainable!r}: choose one of {TRAINABLE}')
   weights = str(m.backbone.get('weights', '') or '')

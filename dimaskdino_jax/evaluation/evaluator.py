@@ -35,6 +35,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -301,14 +302,22 @@ def restore_variables(config, step_dir: str) -> dict:
   """{'params': ..., 'frozen_bn': ...} of the model of `config`, restored from STEP_DIR/state (partial restore).
 
   The checkpoint's tree is checked against the model first: a missing or extra variable, or one whose shape
-  differs, raises ValueError naming the checkpoint and the first differences (usually a config that does not
-  match the run that wrote the checkpoint).
+  differs, raises ValueError (CheckpointMismatchError) naming the checkpoint, the differences and the fields of the
+  run's saved config.json that differ from `config` (usually a config that does not match the run that wrote it).
+  The item is read with orbax's PyTree handler directly: the step-level metadata (`STEP/_CHECKPOINT_METADATA`,
+  written by the trainer's CheckpointManager beside the items) is not looked for inside `state/`.
   """
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
 
   from dimaskdino_jax.modeling.model import build_model
-  from dimaskdino_jax.training.checkpoint import abstract_state
+  from dimaskdino_jax.training.checkpoint import (
+    CheckpointMismatchError,
+    abstract_state,
+    mismatch_message,
+    read_saved_config,
+    tree_differences,
+  )
 
   state_dir = os.path.join(os.path.abspath(step_dir), 'state')
   if not os.path.isdir(state_dir):
@@ -318,37 +327,23 @@ def restore_variables(config, step_dir: str) -> dict:
   shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *size, 3), jnp.uint8))
   shapes = {name: tree for name, tree in shapes.items() if name in ('params', 'frozen_bn')}
 
-  with ocp.PyTreeCheckpointer() as ckptr:
-    stored = ckptr.metadata(state_dir).item_metadata.tree
+  handler = ocp.PyTreeCheckpointHandler()
+  stored = handler.metadata(epath.Path(state_dir)).tree
   problems = []
   for name, tree in shapes.items():
     if name not in stored:
       problems.append(f'collection {name!r} missing (the checkpoint has {sorted(stored)})')
       continue
-    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    have = {
-      jax.tree_util.keystr(p): tuple(m.shape)
-      for p, m in jax.tree_util.tree_leaves_with_path(stored[name])
-      if hasattr(m, 'shape')
-    }
-    problems += [f'{name}{p} missing' for p in sorted(set(want) - set(have))]
-    problems += [f'{name}{p} not in the model' for p in sorted(set(have) - set(want))]
-    problems += [
-      f'{name}{p}: checkpoint {have[p]} vs model {want[p]}' for p in sorted(set(want) & set(have)) if have[p] != want[p]
-    ]
+    problems += tree_differences(tree, stored[name], prefix=f'{name}/')
   if problems:
-    shown = '\n  '.join(problems[:10])
-    more = f'\n  ... and {len(problems) - 10} more' if len(problems) > 10 else ''
-    raise ValueError(
-      f'{state_dir}: the checkpoint does not match the model of this config ({len(problems)} differences):\n  '
-      f'{shown}{more}\nUse the config (and --config overrides) of the run that wrote it.'
-    )
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+    raise CheckpointMismatchError(mismatch_message(state_dir, problems, read_saved_config(workdir), config))
   abstract = abstract_state(shapes)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    restored = ckptr.restore(
-      state_dir,
-      args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
-      ),
-    )
+  restored = handler.restore(
+    epath.Path(state_dir),
+    args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+    ),
+  )
+  handler.close()
   return {name: restored[name] for name in shapes}

@@ -13,12 +13,27 @@ mid-save leaves a `<step>.orbax-checkpoint-tmp-*` directory that is never listed
 
 Restoring takes an abstract state whose leaves are `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` (see
 `abstract_state`), so a checkpoint written on one device layout restores onto another (different device count).
+Before reading any array, `restore` compares the stored tree with the abstract state and raises
+`CheckpointMismatchError` listing every missing / extra / differently shaped leaf, together with the fields of the
+saved WORKDIR/config.json that differ from the current config (e.g. `model.num_classes: checkpoint 3, config 5`).
+
+Failure safety:
+* `check_workdir` (called by the trainer before compiling) fails with `CheckpointError` naming the path when the
+  workdir cannot be created or written, or when its file system has less free space than one checkpoint.
+* A failed write (full disk, I/O error), reported by `save` or `wait_until_finished`, raises `CheckpointError` naming
+  the step and the newest complete checkpoint; the partial `<step>.orbax-checkpoint-tmp` directory is removed (it is
+  never listed nor restored in any case).
+* Test hook: with the environment variable DIMASKDINO_TEST_SAVE_DELAY=<seconds>, every save sleeps that long inside
+  the temporary directory (before writing the data-iterator item), so a test can kill the process mid-write. Never
+  set it outside tests.
 """
 
 import dataclasses
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -31,6 +46,16 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
+SAVE_DELAY_ENV = 'DIMASKDINO_TEST_SAVE_DELAY'
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be written (unwritable workdir, full disk, I/O error); the message names the path."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose tree does not match the current model / optimizer; the message lists the differences."""
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -41,6 +66,9 @@ class DataStateHandler(ocp.CheckpointHandler):
   """
 
   def save(self, directory: epath.Path, args: 'DataStateSave'):
+    delay = float(os.environ.get(SAVE_DELAY_ENV, 0) or 0)
+    if delay > 0:  # test hook (module docstring): hold the temporary checkpoint directory open
+      time.sleep(delay)
     state = args.state
     if isinstance(state, bytes):
       record = {'format': 'bytes', 'state': state.decode('utf-8')}
@@ -127,6 +155,142 @@ def _jsonable(x):
   return arr.tolist()
 
 
+def _key_name(k) -> str:
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _is_leaf_record(x) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+def flat_shapes(tree) -> dict[str, tuple]:
+  """'a/b/0/c' -> (shape, dtype name) for every array-like leaf of `tree` (arrays, ShapeDtypeStructs, orbax
+  ArrayMetadata). Tuples, named tuples and dicts give the same path for the same position, so a stored tree (orbax
+  metadata: dicts and lists) compares with the live one (optax named tuples)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf_record)[0]
+  out = {}
+  for path, leaf in leaves:
+    if not _is_leaf_record(leaf):
+      continue
+    dtype = leaf.dtype
+    name = 'key' if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype).name
+    out['/'.join(_key_name(k) for k in path)] = (tuple(leaf.shape), name)
+  return out
+
+
+def tree_differences(expected, stored, *, prefix: str = '') -> list[str]:
+  """Human-readable differences between the tree a restore expects and the one stored (see `flat_shapes`):
+  missing leaves, extra leaves and shape differences (dtypes are cast by orbax and not compared; PRNG keys are
+  compared by presence only, their stored shape is the raw key data)."""
+  want, have = flat_shapes(expected), flat_shapes(stored)
+  problems = [f'{prefix}{p}: expected {want[p][0]}, not in the checkpoint' for p in sorted(set(want) - set(have))]
+  problems += [f'{prefix}{p}: in the checkpoint {have[p][0]}, not expected' for p in sorted(set(have) - set(want))]
+  for p in sorted(set(want) & set(have)):
+    if want[p][1] != 'key' and want[p][0] != have[p][0]:
+      problems.append(f'{prefix}{p}: checkpoint {have[p][0]} vs expected {want[p][0]}')
+  return problems
+
+
+def _flatten_config(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten_config(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def config_differences(saved: dict | None, config) -> list[str]:
+  """'field: checkpoint X, config Y' for every field of the saved config.json that differs from `config`
+  (model fields first). saved: the parsed config.json, or None (no differences known)."""
+  if not saved or config is None:
+    return []
+  now = json.loads(config.to_json_best_effort())
+  a, b = _flatten_config(saved), _flatten_config(now)
+  diffs = []
+  for k in sorted(set(a) | set(b), key=lambda k: (not k.startswith('model.'), k)):
+    if a.get(k, '<absent>') != b.get(k, '<absent>'):
+      diffs.append(f'{k}: checkpoint {a.get(k, "<absent>")!r}, config {b.get(k, "<absent>")!r}')
+  return diffs
+
+
+def read_saved_config(workdir) -> dict | None:
+  """The parsed WORKDIR/config.json, or None when absent or unreadable."""
+  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    if os.path.exists(path):
+      log.warning('%s: cannot read the saved config (%s)', path, e)
+    return None
+
+
+def format_problems(problems: list[str], limit: int = 20) -> str:
+  shown = '\n  '.join(problems[:limit])
+  more = f'\n  ... and {len(problems) - limit} more' if len(problems) > limit else ''
+  return f'  {shown}{more}'
+
+
+def mismatch_message(where, problems: list[str], saved_config: dict | None, config) -> str:
+  """The CheckpointMismatchError text: the tree differences, then the config fields that differ."""
+  model_problems = [p for p in problems if not p.startswith('opt_state/')]
+  shown = model_problems or problems
+  msg = (
+    f'{where}: the checkpoint does not match the model / optimizer of this config ({len(shown)} differences, '
+    f'path: checkpoint shape vs expected):\n{format_problems(shown)}'
+  )
+  if model_problems and len(problems) > len(model_problems):
+    msg += f'\n  (and {len(problems) - len(model_problems)} matching differences in opt_state)'
+
+  diffs = config_differences(saved_config, config)
+  if diffs:
+    msg += f'\nFields of the saved config.json that differ from this config:\n{format_problems(diffs)}'
+  return msg + (
+    '\nUse the config (and --config overrides) of the run that wrote the checkpoint, or a new --workdir to start a '
+    'new run.'
+  )
+
+
+def state_nbytes(tree) -> int:
+  """Bytes of the array leaves of `tree` (arrays or ShapeDtypeStructs): about the size of one checkpoint."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if _is_leaf_record(leaf) and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      total += int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def check_workdir(workdir, needed_bytes: int = 0) -> None:
+  """Fails early, with CheckpointError naming the path, when WORKDIR/checkpoints cannot be created or written, or
+  when its file system has less than `needed_bytes` free (pass the size of one checkpoint, `state_nbytes`)."""
+  directory = os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f'.write_probe_{os.getpid()}')
+    with open(probe, 'wb') as f:
+      f.write(b'\0' * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(
+      f'{directory}: the checkpoint directory is not writable ({e.strerror or e}); choose another --workdir or fix '
+      'its permissions'
+    ) from e
+  free = shutil.disk_usage(directory).free
+  if free < needed_bytes:
+    raise CheckpointError(
+      f'{directory}: only {free / 2**20:.1f} MiB free, one checkpoint needs about {needed_bytes / 2**20:.1f} MiB; '
+      'free some space or choose another --workdir'
+    )
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator state, meta) in WORKDIR/checkpoints, keeping the last K.
 
@@ -140,9 +304,14 @@ class Checkpointer:
     if max_to_keep is None:
       max_to_keep = int(config.train.keep_checkpoints) if config is not None else None
     self.config_name = str(config.get('name', '')) if config is not None else ''
+    self.config = config
+    self._last_save_step = None
+    # The config of the run that wrote the checkpoints here (for mismatch messages); replaced by this run's config
+    # only once a checkpoint restored successfully, or right away when there is none.
+    self.saved_config = read_saved_config(self.workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-    if config is not None:
+    if config is not None and not self.all_steps():
       self.save_config(config)
 
   def save_config(self, config):
@@ -173,7 +342,24 @@ class Checkpointer:
       if not isinstance(data_state, bytes):
         data_state = json.loads(json.dumps(data_state))  # a private copy, and fail now if not JSON-able
       items['data'] = DataStateSave(data_state)
-    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+    self._last_save_step = step
+    try:
+      return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+    except Exception as e:  # any failure leaves an incomplete checkpoint: report it, never restore it
+      raise self._save_failed(step, e) from e
+
+  def _save_failed(self, step, error) -> CheckpointError:
+    """Removes the temporary directories of failed saves and describes the failure."""
+    for name in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
+      if TMP_SUFFIX in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    complete = self.all_steps()
+    newest = f'step {complete[-1]} ({self.directory}/{complete[-1]})' if complete else 'none'
+    return CheckpointError(
+      f'{self.directory}: writing checkpoint {step} failed: {type(error).__name__}: {error}\n'
+      f'The incomplete checkpoint was discarded; the newest complete checkpoint is {newest}. Free disk space (or fix '
+      'the file system) and rerun the same command to resume from it.'
+    )
 
   def all_steps(self) -> list[int]:
     """Steps of complete checkpoints, ascending."""
@@ -194,6 +380,7 @@ class Checkpointer:
     if step not in self._manager.all_steps():
       raise FileNotFoundError(f'{self.directory}: no complete checkpoint for step {step} (have {self.all_steps()})')
     step_dir = epath.Path(self.directory) / str(step)
+    self.check_compatible(step, abstract_state)
     items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
     has_data = (step_dir / 'data').exists()
     if has_data and not (step_dir / 'data' / _process_file()).exists():
@@ -211,7 +398,21 @@ class Checkpointer:
     out = {'state': restored['state'], 'data': restored.get('data') if has_data else None, 'meta': restored['meta']}
     if data_iterator is not None and out['data'] is not None:
       data_iterator.set_state(out['data'])
+    if self.config is not None:
+      diffs = config_differences(self.saved_config, self.config)
+      if diffs:
+        log.warning('%s: resuming with a config that differs from the saved one:\n%s', self.workdir, '\n'.join(diffs))
+      self.save_config(self.config)
     return out
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    """Raises CheckpointMismatchError listing every difference between checkpoint `step`'s state tree and
+    `abstract_state`, and the config fields that differ from the saved config.json."""
+    state_dir = epath.Path(self.directory) / str(int(step)) / 'state'
+    stored = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
+    problems = tree_differences(abstract_state, stored)
+    if problems:
+      raise CheckpointMismatchError(mismatch_message(state_dir, problems, self.saved_config, self.config))
 
   def restore_latest(self, abstract_state, data_iterator=None) -> dict | None:
     """`restore` of the newest complete checkpoint, or None when there is none."""
@@ -221,12 +422,19 @@ class Checkpointer:
     return self.restore(step, abstract_state, data_iterator=data_iterator)
 
   def wait_until_finished(self):
-    """Blocks until pending asynchronous saves are written (call before exit and before reading them)."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are written (call before exit and before reading them).
+
+    Raises CheckpointError when a pending save failed (its partial directory is removed)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # an asynchronous save failed: report it, never restore it
+      raise self._save_failed(self._last_save_step, e) from e
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
 
   def __enter__(self):
     return self

@@ -3,11 +3,27 @@
 `train(config, workdir)` resumes automatically from the newest complete checkpoint in WORKDIR (params,
 optimizer, step, data-iterator position, RNG) and writes WORKDIR/metrics.jsonl, TensorBoard events and
 WORKDIR/config.json. The state is a plain dict pytree:
-  {'step': () int32, 'params': ..., 'frozen_bn': FrozenBN buffers, 'opt_state': ..., 'rng': PRNG key}.
+  {'step': () int32, 'params': ..., 'frozen_bn': FrozenBN buffers, 'opt_state': ..., 'rng': PRNG key,
+   'nonfinite': {'consecutive': () int32, 'total': () int32}}.
+
+Reliability (README, "Resuming, preemption and the NaN guard"):
+* Determinism: the step's randomness is fold_in(rng, step) and the data order is the grain iterator's position, both
+  in the checkpoint, so a resumed run computes what the uninterrupted one would have (bitwise on CPU with the same
+  jax/jaxlib, XLA_FLAGS and device count; tests/training/test_reliability.py kills runs with SIGKILL to check it).
+* SIGTERM / SIGINT: the step in flight finishes, a checkpoint of that step is written, and `train` raises
+  `TrainingInterrupted` (train.py prints how to resume and exits with 128 + the signal number). A second signal
+  while saving has its default effect.
+* Non-finite loss or gradients: inside the jitted step the update is skipped (params and optimizer state kept, so
+  the learning-rate schedule does not advance either) and counted in state['nonfinite']; the host warns with the
+  non-finite loss terms, writes no periodic checkpoint during a streak (the last good one is kept), and after
+  config.train.max_consecutive_nonfinite consecutive skips raises `NonFiniteError` naming the steps and terms.
+* The workdir is checked for writability and free space (one checkpoint) before compiling; failed checkpoint writes
+  raise `CheckpointError` and leave no checkpoint that a resume would pick (training/checkpoint.py).
 """
 
 import logging
-import os
+import signal
+import threading
 import time
 
 import jax
@@ -22,7 +38,13 @@ from dimaskdino_jax.losses.criterion import compute_losses
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
 from dimaskdino_jax.training import partition
-from dimaskdino_jax.training.checkpoint import Checkpointer, abstract_state
+from dimaskdino_jax.training.checkpoint import (
+  Checkpointer,
+  abstract_state,
+  check_workdir,
+  replicated_sharding,
+  state_nbytes,
+)
 from dimaskdino_jax.training.writers import MetricWriter, ProgressBar
 
 log = logging.getLogger(__name__)
@@ -38,12 +60,39 @@ def abstract_params(model, image_shape):
   )['params']
 
 
+class TrainingInterrupted(Exception):
+  """SIGTERM / SIGINT: a checkpoint of `step` was written; rerunning the same command resumes from it."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    self.signum, self.step, self.directory = int(signum), int(step), directory
+    name = signal.Signals(self.signum).name
+    super().__init__(
+      f'{name} received: stopped after step {self.step} and saved checkpoint {self.step} in {directory}. '
+      'Rerun the same command (same --config, overrides and --workdir) to resume from it.'
+    )
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite updates; the message names the steps and the non-finite loss terms."""
+
+
+_INIT_CACHE = {}
+
+
+def _jitted_init(model):
+  """jit(model.init) per model: reused by every train() call in one process (one compilation)."""
+  if model not in _INIT_CACHE:
+    _INIT_CACHE.clear()
+    _INIT_CACHE[model] = jax.jit(lambda k_init, k_dn, i: model.init({'params': k_init, 'dn': k_dn}, i))
+  return _INIT_CACHE[model]
+
+
 def init_state(config, model, tx, image_shape):
   """Fresh train state for images of `image_shape` (B, H, W, 3)."""
   rng = jax.random.key(int(config.seed))
   k_init, k_dn, k_train = jax.random.split(rng, 3)
   images = jnp.zeros(image_shape, jnp.uint8)
-  variables = jax.jit(lambda i: model.init({'params': k_init, 'dn': k_dn}, i))(images)
+  variables = _jitted_init(model)(k_init, k_dn, images)
   params = variables['params']
   return {
     'step': jnp.zeros((), jnp.int32),
@@ -51,6 +100,7 @@ def init_state(config, model, tx, image_shape):
     'frozen_bn': variables.get('frozen_bn', {}),
     'opt_state': tx.init(partition.trainable_params(config, params)),  # trainable leaves only
     'rng': k_train,
+    'nonfinite': {'consecutive': jnp.zeros((), jnp.int32), 'total': jnp.zeros((), jnp.int32)},
   }
 
 
@@ -83,11 +133,29 @@ def make_train_step(config, model, tx):
       return total, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # the norm is NaN / inf iff a gradient is
     updates, opt_state = tx.update(grads, state['opt_state'], trainable)
-    params = partition.merge_params(optax.apply_updates(trainable, updates), frozen)
-    scalars = {'loss': loss, 'grad_norm': optax.global_norm(grads), **terms}
+    new_trainable = optax.apply_updates(trainable, updates)
+    # The NaN guard: a non-finite step keeps the previous params and optimizer state (counted, never applied).
+    new_trainable, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old), (new_trainable, opt_state), (trainable, state['opt_state'])
+    )
+    params = partition.merge_params(new_trainable, frozen)
+    bad = jnp.logical_not(finite).astype(jnp.int32)
+    nonfinite = {
+      'consecutive': (state['nonfinite']['consecutive'] + 1) * bad,
+      'total': state['nonfinite']['total'] + bad,
+    }
+    scalars = {'loss': loss, 'grad_norm': grad_norm, **terms, 'skipped': bad.astype(jnp.float32)}
     scalars['lr'] = optim_lib.learning_rate(opt_state)
-    new_state = {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    new_state = {
+      **state,
+      'step': state['step'] + 1,
+      'params': params,
+      'opt_state': opt_state,
+      'nonfinite': nonfinite,
+    }
     return new_state, scalars
 
   return step_fn
@@ -101,7 +169,8 @@ def compiled_train_step(config, model, tx):
   sections = {k: v for k, v in config.to_dict().items() if k not in ('train', 'eval', 'data')}
   key = (repr(sorted(sections.items())), str(config.train.get('trainable', 'all')), model)
   if key not in _STEP_CACHE:
-    _STEP_CACHE.clear()  # keep one: a step holds its compiled executables
+    while len(_STEP_CACHE) >= 2:  # keep two: a step holds its compiled executables
+      _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
     _STEP_CACHE[key] = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
   return _STEP_CACHE[key]
 
@@ -110,12 +179,51 @@ def batch_to_device(batch):
   return {k: jnp.asarray(v) for k, v in batch.items() if k in ('image', *TARGET_KEYS)}
 
 
+class _StopSignals:
+  """Turns SIGTERM / SIGINT into a flag checked between steps (main thread only); a second signal, or one while
+  the handlers are uninstalled, has its default effect."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+    log.warning('%s received: finishing the current step and saving a checkpoint', signal.Signals(signum).name)
+    self.uninstall()  # a second signal interrupts the save
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def uninstall(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
+def nonfinite_names(scalars) -> list[str]:
+  """Names of the non-finite entries of a step's scalars (loss terms, 'loss', 'grad_norm')."""
+  return sorted(k for k, v in scalars.items() if k not in ('skipped', 'lr') and not np.isfinite(np.asarray(v)).all())
+
+
 def train(config, workdir, *, data_iterator=None, verbose=True):
-  """Trains `config` in `workdir` until config.train.num_steps; returns the final state (host arrays)."""
+  """Trains `config` in `workdir` until config.train.num_steps; returns the final state (host arrays).
+
+  Raises TrainingInterrupted (SIGTERM / SIGINT, after saving), NonFiniteError (too many consecutive non-finite
+  updates), CheckpointError (unwritable workdir, full disk) or CheckpointMismatchError (a checkpoint of another
+  model in WORKDIR).
+  """
   from dimaskdino_jax.data.pipeline import make_train_iterator
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
 
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir)
   ensure_shapes_dataset(config)
   model = build_model(config)
   it = data_iterator if data_iterator is not None else make_train_iterator(config)
@@ -124,8 +232,9 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
 
   # The optimizer needs the param tree (shapes only); restore into the abstract state, or initialize.
   tx = optim_lib.build_optimizer(config, partition.trainable_params(config, abstract_params(model, image_shape)))
-  ckpt = Checkpointer(workdir, config)
   state_shape = jax.eval_shape(lambda: init_state(config, model, tx, image_shape))
+  check_workdir(workdir, state_nbytes(state_shape))
+  ckpt = Checkpointer(workdir, config)
   restored = ckpt.restore_latest(abstract_state(state_shape), data_iterator=it)
   if restored is not None:
     state = restored['state']
@@ -134,6 +243,8 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   else:
     state = init_state(config, model, tx, image_shape)
     state = load_initial_weights(config, state, verbose=verbose)  # train.init_checkpoint / backbone.weights
+    # Placed like a restored state (replicated), so fresh and resumed runs share one compiled step.
+    state = jax.device_put(state, replicated_sharding())
 
   if verbose and jax.process_index() == 0:
     print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)
@@ -146,36 +257,83 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   start = int(state['step'])
   writer = MetricWriter(workdir, start_step=start)
   bar = ProgressBar(t.num_steps, initial=start, enabled=verbose and jax.process_index() == 0)
+  max_nonfinite = int(t.max_consecutive_nonfinite)
+  streak = []  # (step, non-finite names) of the current run of skipped updates
   metrics_cls = None
   acc = None
   last_log = time.time()
   step = start
-  # The data state saved with a checkpoint is the state after the batches consumed so far: the next batch is
-  # fetched only after saving.
-  while step < t.num_steps:
-    batch = next(it)
-    state, scalars = step_fn(state, batch_to_device(batch))
-    step += 1
-    if metrics_cls is None:
-      metrics_cls = make_metrics_class(sorted(scalars))
-    update = metrics_cls.single_from_model_output(**scalars)
-    acc = update if acc is None else acc.merge(update)
-    if step % t.log_every == 0 or step == t.num_steps:
-      values = {k: float(np.asarray(v)) for k, v in acc.compute().items()}
-      now = time.time()
-      values['steps_per_sec'] = t.log_every / max(now - last_log, 1e-9) if step % t.log_every == 0 else float('nan')
-      last_log = now
-      writer.write_scalars(step, values)
-      bar.update(step, loss=values['loss'])
-      if not np.isfinite(values['loss']):
-        log.warning('step %d: non-finite loss %s', step, values['loss'])
-      acc = None
-    else:
-      bar.update(step)
-    if step % t.checkpoint_every == 0 or step == t.num_steps:
-      ckpt.save(step, state, data=it)
-  ckpt.wait_until_finished()
+  stop = _StopSignals().install()
+  try:
+    # The data state saved with a checkpoint is the state after the batches consumed so far: the next batch is
+    # fetched only after saving.
+    while step < t.num_steps:
+      if stop.signum is not None:
+        ckpt.save(step, state, data=it)
+        ckpt.wait_until_finished()
+        raise TrainingInterrupted(stop.signum, step, ckpt.directory)
+      batch = next(it)
+      state, scalars = step_fn(state, batch_to_device(batch))
+      step += 1
+      # One small device -> host read per step: the guard must see every skip.
+      consecutive = int(state['nonfinite']['consecutive'])
+      if consecutive:
+        streak.append((step, nonfinite_names(scalars)))
+        log.warning(
+          'step %d: non-finite %s; update skipped (%d consecutive, limit train.max_consecutive_nonfinite = %d)',
+          step,
+          ', '.join(streak[-1][1]) or 'values',
+          consecutive,
+          max_nonfinite,
+        )
+        if consecutive >= max_nonfinite:
+          ckpt.wait_until_finished()
+          raise NonFiniteError(_nonfinite_message(streak, max_nonfinite, ckpt))
+      else:
+        streak = []
+      if metrics_cls is None:
+        metrics_cls = make_metrics_class(sorted(scalars))
+      update = metrics_cls.single_from_model_output(**scalars)
+      acc = update if acc is None else acc.merge(update)
+      if step % t.log_every == 0 or step == t.num_steps:
+        values = {k: float(np.asarray(v)) for k, v in acc.compute().items()}
+        values['skipped_total'] = int(state['nonfinite']['total'])
+        now = time.time()
+        values['steps_per_sec'] = t.log_every / max(now - last_log, 1e-9) if step % t.log_every == 0 else float('nan')
+        last_log = now
+        writer.write_scalars(step, values)
+        bar.update(step, loss=values['loss'])
+        acc = None
+      else:
+        bar.update(step)
+      # No periodic checkpoint in a streak of skipped updates: the last good checkpoint stays the newest.
+      if (step % t.checkpoint_every == 0 and not consecutive) or step == t.num_steps:
+        ckpt.save(step, state, data=it)
+    ckpt.wait_until_finished()
+  except BaseException:
+    stop.uninstall()
+    bar.close()
+    writer.close()
+    try:
+      ckpt.close()
+    except Exception as e:  # the error in flight is the one to report
+      log.warning('closing the checkpointer after an error: %s', e)
+    raise
+  stop.uninstall()
   bar.close()
   writer.close()
   ckpt.close()
   return state
+
+
+def _nonfinite_message(streak, limit, ckpt) -> str:
+  first, last = streak[0][0], streak[-1][0]
+  lines = '\n'.join(f'  step {s}: {", ".join(names) or "(no named term)"}' for s, names in streak[-10:])
+  newest = ckpt.latest_step()
+  kept = f'{ckpt.directory}/{newest}' if newest is not None else 'none (no checkpoint was written)'
+  return (
+    f'stopped at step {last}: {len(streak)} consecutive updates had a non-finite loss or gradients (steps {first}-'
+    f'{last}; train.max_consecutive_nonfinite = {limit}). Non-finite terms:\n{lines}\n'
+    f'These updates were skipped; the newest checkpoint ({kept}) holds the last good parameters. Lower optim.lr or '
+    'check the data of these steps, then rerun to resume from it.'
+  )

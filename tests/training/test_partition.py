@@ -113,6 +113,7 @@ def test_frozen_step_updates_only_the_mask_branch():
     'frozen_bn': {},
     'opt_state': tx.init(partition.trainable_params(config, params)),
     'rng': jax.random.key(1),
+    'nonfinite': {'consecutive': jnp.zeros((), jnp.int32), 'total': jnp.zeros((), jnp.int32)},
   }
   assert jax.tree.structure(state) == jax.tree.structure(state_shape)
   before = jax.tree.map(np.asarray, state['params'])
