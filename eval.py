@@ -18,21 +18,16 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from dimaskdino_jax.config import parse_config_overrides  # noqa: E402
+from dimaskdino_jax.config import checkpoint_cli_parser, parse_config_overrides  # noqa: E402
 
 PER_LAYER_PLOT = 'per_layer.png'  # --per-layer: AP box / AP mask per decoder layer (the paper's Fig. 1)
 
 
 def parse_args(argv):
   """(argparse namespace, config with --config.a.b overrides applied and validated)."""
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
-  where = parser.add_mutually_exclusive_group(required=True)
-  where.add_argument('--workdir', help='run directory: evaluates its newest checkpoint')
-  where.add_argument('--checkpoint', help='a checkpoint step directory (WORKDIR/checkpoints/STEP)')
+  parser = checkpoint_cli_parser(__doc__, 'evaluates')
   parser.add_argument('--split', default=None, help='prepared split (default config.data.val_split)')
   parser.add_argument('--mode', default='buckets', choices=('buckets', 'exact'), help='canvas buckets or exact sizes')
   parser.add_argument('--per-layer', action='store_true', help='also evaluate the initial prediction and every layer')

@@ -16,18 +16,13 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from dimaskdino_jax.config import parse_config_overrides  # noqa: E402
+from dimaskdino_jax.config import checkpoint_cli_parser, parse_config_overrides  # noqa: E402
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
-  where = parser.add_mutually_exclusive_group(required=True)
-  where.add_argument('--workdir', help='run directory: uses its newest checkpoint')
-  where.add_argument('--checkpoint', help='a checkpoint step directory (WORKDIR/checkpoints/STEP)')
+  parser = checkpoint_cli_parser(__doc__, 'uses')
   parser.add_argument('--images', nargs='+', required=True, help='image files (any format PIL reads)')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--score-threshold', type=float, default=0.3, help='detections drawn and written (>=)')

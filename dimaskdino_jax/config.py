@@ -234,6 +234,21 @@ def apply_override(config, dotted: str, raw: str, source: str = '--config') -> N
     raise ConfigError(f'{source}.{dotted}={raw}: {e}') from None
 
 
+def checkpoint_cli_parser(doc, what):
+  """An argparse parser with --config and the mutually exclusive --workdir / --checkpoint of the checkpoint CLIs.
+
+  doc: the tool's module docstring; what: the verb of the --workdir help ('evaluates', 'exports', 'uses').
+  """
+  import argparse
+
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument('--workdir', help=f'run directory: {what} its newest checkpoint')
+  where.add_argument('--checkpoint', help='a checkpoint step directory (WORKDIR/checkpoints/STEP)')
+  return parser
+
+
 def parse_config_overrides(parser, argv):
   """parser.parse_known_args(argv), then the --config.a.b=value overrides applied to --config, validated.
 

@@ -22,7 +22,6 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
@@ -89,13 +88,9 @@ def load_exported(path: str) -> tuple[jax.export.Exported, dict]:
 def main(argv=None) -> str:
   import sys
 
-  from dimaskdino_jax.config import parse_config_overrides
+  from dimaskdino_jax.config import checkpoint_cli_parser, parse_config_overrides
 
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
-  where = parser.add_mutually_exclusive_group(required=True)
-  where.add_argument('--workdir', help='run directory: exports its newest checkpoint')
-  where.add_argument('--checkpoint', help='a checkpoint step directory (WORKDIR/checkpoints/STEP)')
+  parser = checkpoint_cli_parser(__doc__, 'exports')
   parser.add_argument('--out', required=True, help='output file (e.g. model.bin); metadata goes to OUT.json')
   parser.add_argument(
     '--canvas', type=int, nargs=2, default=None, metavar=('H', 'W'), help='default: first eval canvas'

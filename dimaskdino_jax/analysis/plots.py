@@ -60,9 +60,7 @@ def plot_per_layer(per_layer, path, title: str | None = None) -> str:
   ax1.legend()
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
   _save(fig, path)
-  plt.close(fig)
   return path
 
 
@@ -81,14 +79,15 @@ def plot_settings(rows, path, title: str | None = None) -> str:
   ax.legend()
   if title:
     ax.set_title(title)
-  fig.tight_layout()
   _save(fig, path)
-  plt.close(fig)
   return path
 
 
 def _save(fig, path):
+  """Lays out, writes (creating the directory) and closes the figure."""
+  fig.tight_layout()
   directory = os.path.dirname(os.fspath(path))
   if directory:
     os.makedirs(directory, exist_ok=True)
   fig.savefig(path, format='png', dpi=110)
+  _pyplot().close(fig)
