@@ -185,7 +185,11 @@ def evaluate(
   num_visualize = num_visualize if out_dir is not None else 0
   bar = tqdm(total=loader.num_images, unit='img', desc='eval', disable=not verbose, dynamic_ncols=True)
 
+  undecodable = []  # image ids of val records that could not be decoded (the loader marks them as padding)
+
   def consume(batch, outputs):
+    if 'record_error' in batch:
+      undecodable.extend(np.asarray(batch['image_id'])[np.asarray(batch['record_error'], bool)].tolist())
     valid = ~np.asarray(batch['is_padding'], bool)
     ids = np.asarray(batch['image_id'])[valid]
     canvas = tuple(batch['image'].shape[1:3])
@@ -217,6 +221,14 @@ def evaluate(
     is_final = j == len(evaluators) - 1
     layer_metrics.append(ev.evaluate(verbose=verbose and is_final))
   metrics = dict(layer_metrics[-1])
+  # Undecodable images are left out of the COCO evaluation (their GT too): counted here, never dropped silently.
+  metrics['images'] = {'evaluated': int(loader.num_images) - len(undecodable), 'undecodable': len(undecodable)}
+  if undecodable:
+    print(
+      f'warning: {len(undecodable)} val images could not be decoded and are not evaluated: ids '
+      f'{sorted(undecodable)[:20]}{" ..." if len(undecodable) > 20 else ""}',
+      flush=True,
+    )
   if per_layer:
     metrics['per_layer'] = [{'layer': name, **m} for name, m in zip(names, layer_metrics)]
     if verbose:

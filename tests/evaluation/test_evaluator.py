@@ -358,3 +358,37 @@ def test_draw_predictions_and_grid(tmp_path):
   assert grid.size == (6 * w + 4 + round(11 * w * 300 / 275), 300)
   big = np.asarray(grid)[:, : 6 * w]
   assert np.all(big[6 * 20 : 6 * 28, 6 * 8 : 6 * 22] == inner[0, 0])  # the mask, enlarged
+
+
+def test_undecodable_val_images_are_counted_not_evaluated(data_dir, monkeypatch, capsys):
+  """The loader turns an undecodable val record into a flagged filler (tests/data/test_bad_records.py); the
+  evaluator leaves it out of the COCO evaluation and reports it in the summary and metrics['images']."""
+  config = tiny_config(data_dir)
+  gt = EvalLoader(config).prepared.coco()
+  monkeypatch.setattr(evaluator, 'make_predict_fn', _oracle_predict_factory(config, gt))
+  plain_iter = EvalLoader.__iter__
+  flagged = []
+
+  def iter_with_one_bad_record(self):
+    for batch in plain_iter(self):
+      if not flagged:  # the first real image of the first batch becomes what an undecodable record gives
+        batch = dict(batch, record_error=batch['record_error'].copy(), is_padding=batch['is_padding'].copy())
+        i = int(np.flatnonzero(~batch['is_padding'])[0])
+        batch['record_error'][i], batch['is_padding'][i] = True, True
+        flagged.append(int(batch['image_id'][i]))
+      yield batch
+
+  monkeypatch.setattr(EvalLoader, '__iter__', iter_with_one_bad_record)
+  added = []
+
+  class Recording(evaluator.COCOEvaluator):
+    def add(self, image_id, result):
+      added.append(image_id)
+      super().add(image_id, result)
+
+  monkeypatch.setattr(evaluator, 'COCOEvaluator', Recording)
+  metrics = evaluator.evaluate(config, {'params': {}}, verbose=False)
+  assert metrics['images'] == {'evaluated': NUM_VAL - 1, 'undecodable': 1}
+  assert sorted(added) == sorted(set(gt.getImgIds()) - set(flagged))
+  assert metrics['bbox']['AP'] == pytest.approx(100.0, abs=1e-6)  # the GT of the left-out image is not counted
+  assert f'ids {flagged}' in capsys.readouterr().out
