@@ -1,0 +1,108 @@
+"""Subprocess side of tests/training/test_scaling.py (XLA device flags must be set before jax is imported).
+
+python -m tests.training.scaling_worker devices DATA_DIR OUT_DIR
+    8 forced CPU devices, one process: train() one step on an 8-device mesh and on a 1-device mesh (same global
+    batch), then resume the 8-device checkpoint of step 1 on 1 and on 4 devices; also counts the batch rows each
+    host matching callback receives. Writes OUT_DIR/result.npz (params after step 1) and result.json.
+python -m tests.training.scaling_worker process ID PORT DATA_DIR OUT_DIR
+    one of two processes (2 CPU devices each) joined by jax.distributed on 127.0.0.1:PORT: 3 steps of train().
+"""
+
+import json
+import os
+import shutil
+import sys
+
+mode = sys.argv[1]
+_DEVICES = {'devices': 8, 'process': 2}[mode]
+os.environ['XLA_FLAGS'] = (
+  f'--xla_force_host_platform_device_count={_DEVICES} --xla_cpu_experimental_ynn_fusion_type=-reduce'
+)
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dimaskdino_jax.training import sharding  # noqa: E402
+
+GLOBAL_BATCH = 8
+
+
+def config_for(data_dir, steps, devices):
+  from tests.tiny import tiny_config
+
+  c = tiny_config(**{'model.encoder.num_layers': 1, 'model.decoder.num_layers': 2})
+  c.data.data_dir = data_dir
+  c.train.num_steps = steps
+  c.train.batch_size = GLOBAL_BATCH
+  c.train.log_every = 1
+  c.train.checkpoint_every = 1
+  c.train.keep_checkpoints = 5
+  c.optim.lr_drop_steps = (1000,)
+  c.mesh.data = devices
+  return c
+
+
+def losses(workdir):
+  from dimaskdino_jax.training.writers import read_metrics
+
+  return {int(r['step']): float(r['loss']) for r in read_metrics(workdir)}
+
+
+def run_devices(data_dir, out):
+  from dimaskdino_jax.losses import matcher
+  from dimaskdino_jax.training.trainer import train
+
+  assert jax.device_count() == 8, jax.devices()
+  rows = []  # batch rows of every host matching call (traced once per compiled step, called per device per step)
+  solve = matcher._solve_host
+
+  def counting(costs, gt_valid, num_queries):
+    rows.append(int(np.shape(gt_valid)[-2]))
+    return solve(costs, gt_valid, num_queries)
+
+  matcher._solve_host = counting
+  result = {}
+  w8, w1 = os.path.join(out, 'd8'), os.path.join(out, 'd1')
+  s8 = train(config_for(data_dir, 1, 8), w8, verbose=False)
+  result['rows_8'], rows[:] = list(rows), []
+  s1 = train(config_for(data_dir, 1, 1), w1, verbose=False)
+  result['rows_1'], rows[:] = list(rows), []
+  np.savez(
+    os.path.join(out, 'params.npz'),
+    **{f'd8_{i}': np.asarray(x) for i, x in enumerate(jax.tree.leaves(s8['params']))},
+    **{f'd1_{i}': np.asarray(x) for i, x in enumerate(jax.tree.leaves(s1['params']))},
+  )
+  result['loss_d8'], result['loss_d1'] = losses(w8), losses(w1)
+  # The 8-device checkpoint of step 1, resumed on 1 and on 4 devices; the 8-device run continued as the reference.
+  for n in (1, 4):
+    shutil.copytree(w8, os.path.join(out, f'resume{n}'))
+  train(config_for(data_dir, 3, 8), w8, verbose=False)
+  result['continued_d8'] = losses(w8)
+  for n in (1, 4):
+    wd = os.path.join(out, f'resume{n}')
+    state = train(config_for(data_dir, 3, n), wd, verbose=False)
+    result[f'resumed_on_{n}'] = losses(wd)
+    result[f'resumed_on_{n}_devices'] = len(jax.tree.leaves(state['params'])[0].sharding.device_set)
+  with open(os.path.join(out, 'result.json'), 'w') as f:
+    json.dump(result, f)
+
+
+def run_process(pid, port, data_dir, out):
+  from dimaskdino_jax.training.trainer import train
+
+  sharding.initialize_distributed(f'127.0.0.1:{port}', 2, pid)
+  assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+  wd = os.path.join(out, 'mp')
+  train(config_for(data_dir, 3, -1), wd, verbose=False)
+  if pid == 0:
+    with open(os.path.join(out, 'result_mp.json'), 'w') as f:
+      json.dump({'loss': losses(wd), 'files': sorted(os.listdir(os.path.join(wd, 'checkpoints', '3', 'data')))}, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  if mode == 'devices':
+    run_devices(sys.argv[2], sys.argv[3])
+  else:
+    run_process(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
