@@ -52,6 +52,7 @@ def losses(workdir):
 def run_devices(data_dir, out):
   from dimaskdino_jax.losses import matcher
   from dimaskdino_jax.training.trainer import train
+  from dimaskdino_jax.training.writers import read_metrics
 
   assert jax.device_count() == 8, jax.devices()
   rows = []  # batch rows of every host matching call (traced once per compiled step, called per device per step)
@@ -74,6 +75,7 @@ def run_devices(data_dir, out):
     **{f'd1_{i}': np.asarray(x) for i, x in enumerate(jax.tree.leaves(s1['params']))},
   )
   result['loss_d8'], result['loss_d1'] = losses(w8), losses(w1)
+  result['grad_norm_d8'], result['grad_norm_d1'] = (read_metrics(w)[0]['grad_norm'] for w in (w8, w1))
   # The 8-device checkpoint of step 1, resumed on 1 and on 4 devices; the 8-device run continued as the reference.
   for n in (1, 4):
     shutil.copytree(w8, os.path.join(out, f'resume{n}'))
