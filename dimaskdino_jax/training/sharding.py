@@ -82,6 +82,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def put_replicated(tree, mesh: Mesh):
+  """A host-computed pytree (the same on every process, e.g. a seeded init) replicated on every device of `mesh`.
+
+  One process: `jax.device_put`. Several: each process fills its own devices from its copy
+  (`jax.make_array_from_callback`; device_put cannot target other processes' devices). PRNG key leaves keep their
+  key type.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(one, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis on `data`, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(DATA))

@@ -266,7 +266,7 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
     state = init_state(config, model, tx, image_shape)
     state = load_initial_weights(config, state, verbose=verbose)  # train.init_checkpoint / backbone.weights
     # Placed like a restored state (replicated), so fresh and resumed runs share one compiled step.
-    state = jax.device_put(state, replicated)
+    state = sharding.put_replicated(state, mesh)
 
   if verbose and jax.process_index() == 0:
     print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)

@@ -163,26 +163,43 @@ def test_grad_accumulation_4x4_equals_one_step_of_16():
     tx = optim_lib.build_optimizer(config, params)
     state = trainer.init_state(config, model, tx, shape)
     step = jax.jit(trainer.make_train_step(config, model, tx))
+    states = []
     for b in batches:
       state, scalars = step(state, {k: jnp.asarray(v) for k, v in b.items()})
-    return state, scalars
+      states.append(state)
+    return states, scalars
 
-  s16, m16 = run(big, [batch])
+  def flat(tree, name):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(optax.tree_utils.tree_get(tree, name))])
+
+  def direction(v):
+    return v / np.linalg.norm(v)
+
+  (s16,), m16 = run(big, [batch])
   micro = [{k: v[i * 4 : (i + 1) * 4] for k, v in batch.items()} for i in range(4)]
-  s4, _ = run(acc, micro)
+  states4, _ = run(acc, micro)
+  s4 = states4[-1]
   assert float(m16['skipped']) == 0
   # Adam's first moment after one update is (1 - b1) * (clipped mean gradient): the accumulated gradient itself.
-  mu16 = optax.tree_utils.tree_get(s16['opt_state'], 'mu')
-  mu4 = optax.tree_utils.tree_get(s4['opt_state'], 'mu')
-  g16 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(mu16)])
-  g4 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(mu4)])
+  g16, g4 = flat(s16['opt_state'], 'mu'), flat(s4['opt_state'], 'mu')
+  first = flat(states4[0]['opt_state'], 'acc_grads')  # the gradient of the first micro-batch alone
   assert np.abs(g16).max() > 0
-  rel = np.linalg.norm(g4 - g16) / np.linalg.norm(g16)
-  worst = np.abs(g4 - g16).max() / np.abs(g16).max()
-  assert rel < 1e-4 and worst < 1e-3, (rel, worst, np.abs(g16).max())
-  # And the params moved identically (one optimizer update in both runs; the first 3 micro-steps update nothing).
-  for a, b in zip(jax.tree.leaves(s16['params']), jax.tree.leaves(s4['params'])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
+  # Measured: 8e-4 relative (L2): float32 summation order, amplified where near-tied top-k selections flip.
+  err = np.linalg.norm(direction(g4) - direction(g16))
+  assert err < 5e-3, err
+  assert np.linalg.norm(g4) == pytest.approx(np.linalg.norm(g16), rel=5e-3)
+  # The check can fail: one micro-batch's gradient (4 of the 16 images) points elsewhere.
+  assert np.linalg.norm(direction(first) - direction(g16)) > 0.1
+  # One optimizer update in both runs (the first 3 micro-steps update nothing); Adam's first step is ~ lr * sign(g),
+  # so entries whose gradient is ~0 may differ by up to 2 lr: compare how many moved differently.
+  p16 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(s16['params'])])
+  p4 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(s4['params'])])
+  p3 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(states4[2]['params'])])
+  p0 = np.concatenate(
+    [np.ravel(x) for x in jax.tree.leaves(trainer.init_state(big, model, optax.identity(), shape)['params'])]
+  )
+  np.testing.assert_array_equal(p3, p0)  # no update before the 4th micro-step
+  assert np.mean(np.abs(p4 - p16) > 1e-6) < 0.02
   assert int(s4['step']) == 4 and int(s16['step']) == 1
 
 
