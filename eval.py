@@ -8,6 +8,8 @@ r"""Evaluate a DI-MaskDINO checkpoint with COCO bbox / segm AP.
 --workdir evaluates the newest complete checkpoint in WORKDIR/checkpoints; --checkpoint takes a step directory
 (or a checkpoints directory / workdir: its newest step). Metrics go to OUT/metrics.json (default WORKDIR/eval; for
 --checkpoint the workdir holding its checkpoints/ directory) with a grid of a few predictions in OUT/predictions.png.
+--per-layer adds OUT/per_layer.png: AP box and AP mask of every decoder layer and the imbalance at the first and the
+final layer (the paper's Fig. 1).
 Any config field can be overridden with --config.a.b=value (Python literals: 4, 2e-4, '((800, 1333),)', True).
 The shapes config writes and prepares its synthetic dataset when it is missing.
 """
@@ -16,53 +18,16 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
-import argparse  # noqa: E402
-import ast  # noqa: E402
 import sys  # noqa: E402
 
-from dimaskdino_jax.config import ConfigError, load_config, validate  # noqa: E402
+from dimaskdino_jax.config import checkpoint_cli_parser, parse_config_overrides  # noqa: E402
 
-
-def apply_override(config, dotted: str, raw: str, source: str = '--config') -> None:
-  """Sets config.<dotted> from the command-line string `raw`, parsed as a Python literal (strings stay as typed)."""
-  keys = dotted.split('.')
-  node = config
-  for i, key in enumerate(keys[:-1]):
-    if key not in node:
-      raise ConfigError(f'{source}.{dotted}: no field {".".join(keys[: i + 1])!r} in the config')
-    node = node[key]
-  last = keys[-1]
-  if last not in node:
-    raise ConfigError(f'{source}.{dotted}: no field {dotted!r} in the config')
-  current = node[last]
-  if isinstance(current, str):
-    value = raw
-  elif isinstance(current, bool):
-    if raw.lower() not in ('true', 'false', '1', '0'):
-      raise ConfigError(f'{source}.{dotted}={raw}: expected True or False')
-    value = raw.lower() in ('true', '1')
-  else:
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      if current is not None:
-        raise ConfigError(
-          f'{source}.{dotted}={raw}: not a Python literal (field is {type(current).__name__})'
-        ) from None
-      value = raw
-  try:
-    node[last] = value
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'{source}.{dotted}={raw}: {e}') from None
+PER_LAYER_PLOT = 'per_layer.png'  # --per-layer: AP box / AP mask per decoder layer (the paper's Fig. 1)
 
 
 def parse_args(argv):
   """(argparse namespace, config with --config.a.b overrides applied and validated)."""
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
-  where = parser.add_mutually_exclusive_group(required=True)
-  where.add_argument('--workdir', help='run directory: evaluates its newest checkpoint')
-  where.add_argument('--checkpoint', help='a checkpoint step directory (WORKDIR/checkpoints/STEP)')
+  parser = checkpoint_cli_parser(__doc__, 'evaluates')
   parser.add_argument('--split', default=None, help='prepared split (default config.data.val_split)')
   parser.add_argument('--mode', default='buckets', choices=('buckets', 'exact'), help='canvas buckets or exact sizes')
   parser.add_argument('--per-layer', action='store_true', help='also evaluate the initial prediction and every layer')
@@ -70,31 +35,7 @@ def parse_args(argv):
   parser.add_argument('--num-visualize', type=int, default=4, help='images drawn in OUT/predictions.png (0: none)')
   parser.add_argument('--out', default=None, help='output directory (default WORKDIR/eval)')
   parser.add_argument('--quiet', action='store_true', help='no progress bar or COCO summaries')
-  args, rest = parser.parse_known_args(argv)
-
-  overrides = []
-  i = 0
-  while i < len(rest):
-    arg = rest[i]
-    if not arg.startswith('--config.'):
-      parser.error(f'unrecognized argument {arg!r}')
-    name, eq, value = arg[len('--config.') :].partition('=')
-    if not eq:
-      if i + 1 >= len(rest):
-        parser.error(f'{arg} needs a value (--config.a.b=value)')
-      value = rest[i + 1]
-      i += 1
-    overrides.append((name, value))
-    i += 1
-
-  try:
-    config = load_config(args.config)
-    for name, value in overrides:
-      apply_override(config, name, value)
-    validate(config, source=args.config)
-  except ConfigError as e:
-    parser.error(str(e))
-  return args, config
+  return parse_config_overrides(parser, argv)
 
 
 def default_out_dir(args, step_dir: str) -> str:
@@ -143,7 +84,7 @@ def main(argv=None) -> dict:
   ensure_shapes_dataset(config, verbose=not args.quiet)
   if not args.quiet:
     print(f'evaluating {step_dir} (step {step})', flush=True)
-  return evaluator.evaluate(
+  metrics = evaluator.evaluate(
     config,
     variables,
     split=args.split,
@@ -154,6 +95,15 @@ def main(argv=None) -> dict:
     verbose=not args.quiet,
     num_visualize=args.num_visualize,
   )
+  if args.per_layer and isinstance(metrics, dict) and 'per_layer' in metrics:
+    from dimaskdino_jax.analysis.plots import plot_per_layer
+
+    path = plot_per_layer(
+      metrics['per_layer'], os.path.join(out_dir, PER_LAYER_PLOT), title=f'{config.name}, step {step}'
+    )
+    if not args.quiet:
+      print(f'wrote {path}', flush=True)
+  return metrics
 
 
 if __name__ == '__main__':

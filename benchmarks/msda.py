@@ -1,10 +1,13 @@
 """Times multi-scale deformable attention: forward and forward+backward, median ms per implementation.
 
-  python benchmarks/msda.py --json msda.json [--sizes encoder,decoder] [--repeats N]
+  python benchmarks/msda.py --json msda.json [--sizes encoder,decoder,shapes] [--repeats N] [--impls ...]
 
-Sizes (fp32, 1 image, levels 128^2/64^2/32^2/16^2 = 21,760 tokens, 8 heads x 32 channels, 4 levels x 4 points):
-  encoder: queries = all 21,760 tokens;  decoder: 400 queries.
-Implementations: `xla` and `reference` (kernels.ms_deform_attn), `pallas` (GPU only, when available), `torch`
+Sizes (fp32, 4 levels x 4 points):
+  encoder: 1 image, levels 128^2/64^2/32^2/16^2 = 21,760 tokens, 8 heads x 32 channels, queries = all tokens;
+  decoder: the same value, 400 queries;
+  shapes:  the CPU demo's encoder (configs/shapes.py): 8 images, levels 16^2/8^2/4^2/2^2 = 340 tokens, 4 heads x
+           16 channels, queries = all tokens.
+Implementations: `xla`, `dense` and `reference` (kernels.ms_deform_attn), `pallas` (GPU only), `torch`
 (PyTorch pure reference with F.grid_sample per level, like Deformable DETR's ms_deform_attn_core_pytorch; only
 when torch is importable). Also prints a memory-traffic floor per size from a measured copy bandwidth.
 Writes {size: {impl: {"fwd_ms": .., "fwdbwd_ms": ..}}} to --json, with the floor under the key "floor".
@@ -31,21 +34,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.ms_deform_attn as msda  # noqa: E402
 from kernels.ms_deform_attn import torch_reference  # noqa: E402
 
-SHAPES = ((128, 128), (64, 64), (32, 32), (16, 16))
-HEADS, CHANNELS, POINTS = 8, 32, 4
-SIZES = {'encoder': sum(h * w for h, w in SHAPES), 'decoder': 400}
+POINTS = 4
+COCO_SHAPES = ((128, 128), (64, 64), (32, 32), (16, 16))
+DEMO_SHAPES = ((16, 16), (8, 8), (4, 4), (2, 2))
+# size -> (batch, level shapes, heads, channels per head, queries)
+SIZES = {
+  'encoder': (1, COCO_SHAPES, 8, 32, sum(h * w for h, w in COCO_SHAPES)),
+  'decoder': (1, COCO_SHAPES, 8, 32, 400),
+  'shapes': (8, DEMO_SHAPES, 4, 16, sum(h * w for h, w in DEMO_SHAPES)),
+}
 
 
-def make_inputs(lq, seed=0):
+def make_inputs(size, seed=0):
+  n, shapes, heads, channels, lq = SIZES[size]
   rng = np.random.default_rng(seed)
-  s = sum(h * w for h, w in SHAPES)
-  nl = len(SHAPES)
-  value = rng.normal(size=(1, s, HEADS, CHANNELS)).astype(np.float32)
+  s = sum(h * w for h, w in shapes)
+  nl = len(shapes)
+  value = rng.normal(size=(n, s, heads, channels)).astype(np.float32)
   # Locations spread over the map, about 17% of points with a coordinate slightly outside [0, 1].
-  loc = rng.uniform(-0.05, 1.05, size=(1, lq, HEADS, nl, POINTS, 2)).astype(np.float32)
-  logits = rng.normal(size=(1, lq, HEADS, nl * POINTS))
-  attn = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).reshape(1, lq, HEADS, nl, POINTS)
-  cot = rng.normal(size=(1, lq, HEADS * CHANNELS)).astype(np.float32)
+  loc = rng.uniform(-0.05, 1.05, size=(n, lq, heads, nl, POINTS, 2)).astype(np.float32)
+  logits = rng.normal(size=(n, lq, heads, nl * POINTS))
+  attn = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).reshape(n, lq, heads, nl, POINTS)
+  cot = rng.normal(size=(n, lq, heads * channels)).astype(np.float32)
   return value, loc, attn.astype(np.float32), cot
 
 
@@ -59,12 +69,12 @@ def _median_ms(fn, repeats):
   return 1000.0 * float(np.median(times))
 
 
-def time_jax(impl, inputs, repeats):
+def time_jax(impl, shapes, inputs, repeats):
   value, loc, attn, cot = (jnp.asarray(x) for x in inputs)
-  starts = msda.normalize_shapes(SHAPES)[1]
+  starts = msda.normalize_shapes(shapes)[1]
 
   def f(v, lc, a):
-    return msda.ms_deform_attn(v, SHAPES, starts, lc, a, impl=impl)
+    return msda.ms_deform_attn(v, shapes, starts, lc, a, impl=impl)
 
   fwd = jax.jit(f)
   fwdbwd = jax.jit(jax.grad(lambda v, lc, a: jnp.sum(f(v, lc, a) * cot), argnums=(0, 1, 2)))
@@ -74,19 +84,19 @@ def time_jax(impl, inputs, repeats):
   }
 
 
-def time_torch(inputs, repeats):
+def time_torch(shapes, inputs, repeats):
   import torch
 
   torch.set_num_threads(os.cpu_count() or 1)
   value, loc, attn, cot = (torch.from_numpy(np.asarray(x)) for x in inputs)
   with torch.no_grad():
-    fwd_ms = _median_ms(lambda: torch_reference.ms_deform_attn_torch(value, SHAPES, loc, attn), repeats)
+    fwd_ms = _median_ms(lambda: torch_reference.ms_deform_attn_torch(value, shapes, loc, attn), repeats)
   v, lc, a = (x.clone().requires_grad_(True) for x in (value, loc, attn))
 
   def fwdbwd():
     for x in (v, lc, a):
       x.grad = None
-    (torch_reference.ms_deform_attn_torch(v, SHAPES, lc, a) * cot).sum().backward()
+    (torch_reference.ms_deform_attn_torch(v, shapes, lc, a) * cot).sum().backward()
 
   return {'fwd_ms': fwd_ms, 'fwdbwd_ms': _median_ms(fwdbwd, repeats)}
 
@@ -103,24 +113,26 @@ def copy_bandwidth_gbs():
   return 2 * a.nbytes / best / 1e9
 
 
-def floor_ms(lq, bandwidth_gbs):
+def floor_ms(size, bandwidth_gbs):
   """Memory-traffic floor: every sample point touches 4 corner rows of D floats (forward: read them once;
   forward+backward: read them in the forward and the backward, and read+write them in the value-gradient
   accumulation), plus locations, weights, outputs and their gradients once each."""
-  samples = lq * HEADS * len(SHAPES) * POINTS
-  corners = samples * 4 * CHANNELS * 4  # bytes
-  small = samples * 3 * 4 + lq * HEADS * CHANNELS * 4  # locations + weights, output
+  n, shapes, heads, channels, lq = SIZES[size]
+  tokens = sum(h * w for h, w in shapes)
+  samples = n * lq * heads * len(shapes) * POINTS
+  corners = samples * 4 * channels * 4  # bytes
+  small = samples * 3 * 4 + n * lq * heads * channels * 4  # locations + weights, output
   fwd = corners + small
-  fwdbwd = 4 * corners + 2 * small + 2 * small + 2 * SIZES['encoder'] * HEADS * CHANNELS * 4
+  fwdbwd = 4 * corners + 2 * small + 2 * small + 2 * n * tokens * heads * channels * 4
   return 1000 * fwd / 1e9 / bandwidth_gbs, 1000 * fwdbwd / 1e9 / bandwidth_gbs
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--json', required=True, help='where to write the figures')
-  parser.add_argument('--sizes', default='encoder,decoder', help='comma-separated subset of: encoder,decoder')
+  parser.add_argument('--sizes', default='encoder,decoder', help='comma-separated subset of: ' + ','.join(SIZES))
   parser.add_argument('--repeats', type=int, default=5, help='timed runs per figure (after one warm-up)')
-  parser.add_argument('--impls', default='xla,reference,pallas,torch', help='comma-separated implementations')
+  parser.add_argument('--impls', default='xla,dense,reference,pallas,torch', help='comma-separated implementations')
   args = parser.parse_args()
   sizes = [s for s in args.sizes.split(',') if s]
   for s in sizes:
@@ -143,14 +155,20 @@ def main():
   print(f'measured copy bandwidth: {bandwidth:.1f} GB/s (read + write)')
   results = {}
   for size in sizes:
-    lq = SIZES[size]
-    inputs = make_inputs(lq)
+    shapes = SIZES[size][1]
+    inputs = make_inputs(size)
     results[size] = {}
     for impl in impls:
-      r = time_torch(inputs, args.repeats) if impl == 'torch' else time_jax(impl, inputs, args.repeats)
+      if impl == 'dense' and not msda.dense_fits(*inputs[1].shape[:3], inputs[0].shape[1]):
+        print(f'  {size:8s} dense      skipped: its sampling matrix is larger than dense.DENSE_MAX_ELEMENTS')
+        continue
+      if impl == 'torch':
+        r = time_torch(shapes, inputs, args.repeats)
+      else:
+        r = time_jax(impl, shapes, inputs, args.repeats)
       results[size][impl] = r
       print(f'  {size:8s} {impl:10s} fwd {r["fwd_ms"]:9.1f} ms   fwd+bwd {r["fwdbwd_ms"]:9.1f} ms', flush=True)
-    f, fb = floor_ms(lq, bandwidth)
+    f, fb = floor_ms(size, bandwidth)
     results[size]['floor'] = {'fwd_ms': f, 'fwdbwd_ms': fb}
 
   print()

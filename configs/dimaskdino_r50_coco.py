@@ -142,6 +142,9 @@ def get_config(arg=None):
   t.keep_checkpoints = 3  # checkpoints kept in the workdir
   t.eval_every = 0  # steps between evaluations (0 = only at the end)
   t.init_checkpoint = ''  # fine-tune: start from this checkpoint (e.g. python -m dimaskdino_jax.convert --out)
+  # Parameters trained: 'all', or 'mask_branch' (Mask Frozen-DETR mode: the detector is frozen, only the mask
+  # features, mask_embed and BATO's mask-feature update train; training/partition.py). Usually with init_checkpoint.
+  t.trainable = 'all'
   t.max_consecutive_nonfinite = 5  # stop after this many consecutive skipped (non-finite loss / gradient) updates
 
   da = c.data = ml_collections.ConfigDict()

@@ -4,6 +4,7 @@ Every config is validated when loaded: impossible combinations fail with a Confi
 the field. `load_config('configs/shapes.py')` or `load_config('configs/dimaskdino_r50_coco.py:24ep')`.
 """
 
+import ast
 import importlib.util
 import os
 
@@ -15,6 +16,7 @@ BOX_INITS = ('mask2box', 'bitmask', 'none')
 DN_MODES = ('seg', 'none')
 MSDA_IMPLS = ('auto', 'xla', 'dense', 'pallas')
 DEPTHS = (18, 34, 50, 101)
+TRAINABLE = ('all', 'mask_branch')  # train.trainable (training/partition.py)
 
 
 class ConfigError(ValueError):
@@ -168,6 +170,8 @@ def validate(config, source='<config>') -> None:
       f'train.{field}',
       f'must be an integer >= 1, got {t[field]!r}',
     )
+  trainable = config.train.get('trainable', 'all')
+  _require(trainable in TRAINABLE, source, 'train.trainable', f'{trainable!r}: choose one of {TRAINABLE}')
   weights = str(m.backbone.get('weights', '') or '')
   init_ckpt = str(config.train.get('init_checkpoint', '') or '')
   if weights:
@@ -204,3 +208,85 @@ def validate(config, source='<config>') -> None:
   _require(config.matcher.num_points >= 0, source, 'matcher.num_points', 'must be >= 0 (0 = every pixel)')
   _require(0.0 <= config.loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]')
   _require(config.loss.oversample_ratio >= 1.0, source, 'loss.oversample_ratio', 'must be >= 1')
+
+
+# ------------------------------------------------------------------------------------ command-line overrides
+def apply_override(config, dotted: str, raw: str, source: str = '--config') -> None:
+  """Sets config.<dotted> from the command-line string `raw`, parsed as a Python literal (strings stay as typed)."""
+  keys = dotted.split('.')
+  node = config
+  for i, key in enumerate(keys[:-1]):
+    if key not in node:
+      raise ConfigError(f'{source}.{dotted}: no field {".".join(keys[: i + 1])!r} in the config')
+    node = node[key]
+  last = keys[-1]
+  if last not in node:
+    raise ConfigError(f'{source}.{dotted}: no field {dotted!r} in the config')
+  current = node[last]
+  if isinstance(current, str):
+    value = raw
+  elif isinstance(current, bool):
+    if raw.lower() not in ('true', 'false', '1', '0'):
+      raise ConfigError(f'{source}.{dotted}={raw}: expected True or False')
+    value = raw.lower() in ('true', '1')
+  else:
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      if current is not None:
+        raise ConfigError(
+          f'{source}.{dotted}={raw}: not a Python literal (field is {type(current).__name__})'
+        ) from None
+      value = raw
+  try:
+    node[last] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'{source}.{dotted}={raw}: {e}') from None
+
+
+def checkpoint_cli_parser(doc, what):
+  """An argparse parser with --config and the mutually exclusive --workdir / --checkpoint of the checkpoint CLIs.
+
+  doc: the tool's module docstring; what: the verb of the --workdir help ('evaluates', 'exports', 'uses').
+  """
+  import argparse
+
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument('--workdir', help=f'run directory: {what} its newest checkpoint')
+  where.add_argument('--checkpoint', help='a checkpoint step directory (WORKDIR/checkpoints/STEP)')
+  return parser
+
+
+def parse_config_overrides(parser, argv):
+  """parser.parse_known_args(argv), then the --config.a.b=value overrides applied to --config, validated.
+
+  Returns (args, config); errors go through parser.error. Shared by eval.py, predict.py and the
+  package command-line tools.
+  """
+  args, rest = parser.parse_known_args(argv)
+
+  overrides = []
+  i = 0
+  while i < len(rest):
+    arg = rest[i]
+    if not arg.startswith('--config.'):
+      parser.error(f'unrecognized argument {arg!r}')
+    name, eq, value = arg[len('--config.') :].partition('=')
+    if not eq:
+      if i + 1 >= len(rest):
+        parser.error(f'{arg} needs a value (--config.a.b=value)')
+      value = rest[i + 1]
+      i += 1
+    overrides.append((name, value))
+    i += 1
+
+  try:
+    config = load_config(args.config)
+    for name, value in overrides:
+      apply_override(config, name, value)
+    validate(config, source=args.config)
+  except ConfigError as e:
+    parser.error(str(e))
+  return args, config

@@ -48,3 +48,26 @@ def prepared_shapes(tmp_path_factory, seed=0, num_train=8, num_val=4, image_size
     ann = os.path.join(raw, 'annotations', f'instances_{split}.json')
     prepare.prepare_dataset(os.path.join(raw, split), ann, 'shapes', split, out, verbose=False)
   return out
+
+
+FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+_VARIABLES: dict = {}
+
+
+def init_variables(config_key: str, make_config):
+  """Random variables of the model of make_config() (64 x 64 input), compiled with FAST options; cached per process
+  under config_key (the same key must mean the same model), so test modules sharing a tiny model initialize it once."""
+  if config_key in _VARIABLES:
+    return _VARIABLES[config_key]
+  import jax
+  import jax.numpy as jnp
+
+  from dimaskdino_jax.modeling.model import build_model
+
+  model = build_model(make_config())
+  images = jnp.zeros((1, CANVAS, CANVAS, 3), jnp.uint8)
+  init = jax.jit(model.init).lower(jax.random.key(0), images).compile(compiler_options=FAST)
+  _VARIABLES[config_key] = init(jax.random.key(0), images)
+  return _VARIABLES[config_key]

@@ -37,7 +37,7 @@ from dimaskdino_jax.convert.init import load_initial_weights
 from dimaskdino_jax.losses.criterion import compute_losses
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
-from dimaskdino_jax.training import sharding
+from dimaskdino_jax.training import partition, sharding
 from dimaskdino_jax.training.checkpoint import (
   Checkpointer,
   abstract_state,
@@ -97,7 +97,7 @@ def init_state(config, model, tx, image_shape):
     'step': jnp.zeros((), jnp.int32),
     'params': params,
     'frozen_bn': variables.get('frozen_bn', {}),
-    'opt_state': tx.init(params),
+    'opt_state': tx.init(partition.trainable_params(config, params)),  # trainable leaves only
     'rng': k_train,
     'nonfinite': {'consecutive': jnp.zeros((), jnp.int32), 'total': jnp.zeros((), jnp.int32)},
   }
@@ -109,29 +109,38 @@ def make_metrics_class(names):
 
 
 def make_train_step(config, model, tx):
-  """(state, batch) -> (state, scalars dict). Jit it with donate_argnums=0."""
+  """(state, batch) -> (state, scalars dict). Jit it with donate_argnums=0.
+
+  Only the parameters selected by config.train.trainable are differentiated and updated (partition.py); the
+  others are closed over behind stop_gradient and returned unchanged.
+  """
+  predicate = partition.trainable_predicate(config)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
     k_dn, k_loss = jax.random.split(rng)
     targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
 
-    def loss_fn(params):
+    trainable, frozen = partition.split_params(state['params'], predicate)
+
+    def loss_fn(trainable):
+      params = partition.merge_params(trainable, jax.lax.stop_gradient(frozen))
       preds = model.apply(
         {'params': params, 'frozen_bn': state['frozen_bn']}, batch['image'], targets, train=True, rngs={'dn': k_dn}
       )
       total, terms = compute_losses(preds, targets, k_loss, config)
       return total, terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # the norm is NaN / inf iff a gradient is
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    updates, opt_state = tx.update(grads, state['opt_state'], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
     # The NaN guard: a non-finite step keeps the previous params and optimizer state (counted, never applied).
-    params, opt_state = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state['params'], state['opt_state'])
+    new_trainable, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old), (new_trainable, opt_state), (trainable, state['opt_state'])
     )
+    params = partition.merge_params(new_trainable, frozen)
     bad = jnp.logical_not(finite).astype(jnp.int32)
     nonfinite = {
       'consecutive': (state['nonfinite']['consecutive'] + 1) * bad,
@@ -168,7 +177,7 @@ def compiled_train_step(config, model, tx, mesh=None):
   """The jitted step for (config, model, mesh), reused across train() calls in one process (resume tests, sweeps)."""
   mesh = mesh if mesh is not None else sharding.make_mesh(config)
   sections = {k: v for k, v in config.to_dict().items() if k not in ('train', 'eval', 'data', 'mesh')}
-  key = (repr(sorted(sections.items())), model, mesh)
+  key = (repr(sorted(sections.items())), str(config.train.get('trainable', 'all')), model, mesh)
   if key not in _STEP_CACHE:
     while len(_STEP_CACHE) >= 3:  # keep three: a step holds its compiled executables
       _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
@@ -253,7 +262,7 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   replicated = sharding.replicated(mesh)
 
   # The optimizer needs the param tree (shapes only); restore into the abstract state, or initialize.
-  tx = optim_lib.build_optimizer(config, abstract_params(model, image_shape))
+  tx = optim_lib.build_optimizer(config, partition.trainable_params(config, abstract_params(model, image_shape)))
   state_shape = jax.eval_shape(lambda: init_state(config, model, tx, image_shape))
   check_workdir(workdir, state_nbytes(state_shape))
   ckpt = Checkpointer(workdir, config)
@@ -270,7 +279,9 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
 
   if verbose and jax.process_index() == 0:
     print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)
-    groups = optim_lib.group_summary(state['params'])
+    groups = optim_lib.group_summary(partition.trainable_params(config, state['params']))
+    if partition.trainable_predicate(config) is not None:
+      print(partition.describe(config, state['params']), flush=True)
     print('optimizer groups: ' + ', '.join(f'{k}: {v[1]:,}' for k, v in sorted(groups.items())), flush=True)
 
   step_fn = compiled_train_step(config, model, tx, mesh)

@@ -2,7 +2,8 @@
 
   python train.py --config tests/training/reliability_config.py:DATA_DIR --workdir W [--config.train.num_steps=6]
 
-The tiny model of tests/tiny.py with the training settings of tests/training/test_trainer.py (same compiled step).
+The tiny model of tests/tiny.py with small-run training settings; tests/training/test_trainer.py uses it too (same
+compiled step).
 """
 
 from tests.tiny import set_field, tiny_config

@@ -8,7 +8,8 @@ import pytest
 
 from dimaskdino_jax.training.trainer import train
 from dimaskdino_jax.training.writers import read_metrics
-from tests.tiny import prepared_shapes, tiny_config
+from tests.tiny import prepared_shapes
+from tests.training import reliability_config
 
 
 @pytest.fixture(scope='module')
@@ -17,15 +18,8 @@ def data_dir(tmp_path_factory):
 
 
 def config_for(data_dir, steps, **overrides):
-  c = tiny_config(**overrides)
-  c.data.data_dir = data_dir
-  c.train.num_steps = steps
-  c.train.batch_size = 4
-  c.train.log_every = 1
-  c.train.checkpoint_every = 3
-  c.train.keep_checkpoints = 5
-  c.optim.lr_drop_steps = (1000,)
-  return c
+  """The reliability tests' config (same compiled step) with a checkpoint every 3 steps."""
+  return reliability_config.config_for(data_dir, steps, **{'train.checkpoint_every': 3, **overrides})
 
 
 def losses(workdir):

@@ -1,0 +1,65 @@
+"""jax.export of the inference function: serialized, reloaded, and equal to the live model; the CLI writes the file."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimaskdino_jax import export
+from dimaskdino_jax.evaluation import evaluator
+from dimaskdino_jax.modeling.model import build_model
+from dimaskdino_jax.training.checkpoint import Checkpointer
+from tests.evaluation.test_evaluator import FAST, TINY_OVERRIDES, tiny_config
+from tests.tiny import init_variables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def variables():
+  return init_variables('evaluator_tiny', lambda: tiny_config('unused'))  # shared with test_inference.py
+
+
+def test_exported_model_matches_live_model(variables, tmp_path):
+  config = tiny_config('unused')
+  exported = export.export_predict(config, variables, (64, 64), batch_size=2)
+  path = str(tmp_path / 'model.bin')
+  export.save_exported(exported, path, {'canvas': [64, 64]})
+  loaded, meta = export.load_exported(path)
+  assert meta['canvas'] == [64, 64] and meta['inputs'][0] == {'shape': [2, 64, 64, 3], 'dtype': 'uint8'}
+  assert [o['name'] for o in meta['outputs']] == list(export.OUTPUT_NAMES)
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+  image_hw = np.asarray([[64, 64], [48, 64]], np.int32)
+  reloaded = jax.jit(loaded.call).lower(images, image_hw).compile(compiler_options=FAST)(images, image_hw)
+  model, k = build_model(config), int(config.eval.detections_per_image)
+  (live,) = evaluator.make_predict_fn(model, k, True, False, tuple(sorted(FAST.items())))(variables, images, image_hw)
+  assert len(reloaded) == 5
+  for name, got in zip(export.OUTPUT_NAMES, reloaded):
+    want = np.asarray(getattr(live, name))
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    if want.dtype.kind in 'iu':
+      np.testing.assert_array_equal(got, want, err_msg=name)
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+  # The two images differ (a real input dependence, not constant outputs).
+  assert not np.allclose(reloaded[0][0], reloaded[0][1])
+
+
+def test_export_cli(variables, tmp_path):
+  workdir = tmp_path / 'run'
+  state = {**variables, 'opt_state': {}, 'step': jnp.asarray(2, jnp.int32), 'rng': jax.random.key(1)}
+  with Checkpointer(str(workdir), tiny_config('unused'), async_save=False) as ckpt:
+    assert ckpt.save(2, state)
+  args = ['--config', os.path.join(REPO, 'configs', 'shapes.py'), '--config.data.data_dir=unused']
+  args += [f'--config.{k}={v}' for k, v in TINY_OVERRIDES.items()]
+  export.main(args + ['--workdir', str(workdir), '--out', str(tmp_path / 'm.bin')])
+  exported, meta = export.load_exported(str(tmp_path / 'm.bin'))
+  assert meta['step'] == 2 and meta['canvas'] == [64, 64] and meta['batch_size'] == 1
+  assert exported.in_avals[0].shape == (1, 64, 64, 3)
+  assert meta['class_names'] == ['class_0', 'class_1', 'class_2']  # no prepared dataset under 'unused'
+  with pytest.raises(SystemExit, match='multiple of'):
+    export.main(args + ['--workdir', str(workdir), '--out', str(tmp_path / 'm.bin'), '--canvas', '64', '50'])
