@@ -358,3 +358,31 @@ def test_draw_predictions_and_grid(tmp_path):
   assert grid.size == (6 * w + 4 + round(11 * w * 300 / 275), 300)
   big = np.asarray(grid)[:, : 6 * w]
   assert np.all(big[6 * 20 : 6 * 28, 6 * 8 : 6 * 22] == inner[0, 0])  # the mask, enlarged
+
+
+def test_merge_process_results_checks_every_image_once():
+  # Process shares as gather_to_process0 returns them: shares[p][j] = process p's images and results of evaluator j.
+  def share(ids):
+    return {'img_ids': ids, 'results': {'bbox': [{'image_id': i, 'score': 0.5} for i in ids]}}
+
+  shares = [[share([1, 3, 5])], [share([2, 4])]]
+  (merged,) = evaluator.merge_process_results(shares, [5, 4, 3, 2, 1])
+  assert sorted(merged['img_ids']) == [1, 2, 3, 4, 5]
+  assert sorted(d['image_id'] for d in merged['results']['bbox']) == [1, 2, 3, 4, 5]
+  with pytest.raises(ValueError, match='image 3 was evaluated by processes 0 and 1'):
+    evaluator.merge_process_results([[share([1, 3, 5])], [share([2, 3, 4])]], [1, 2, 3, 4, 5])
+  with pytest.raises(ValueError, match=r'missing \[4\]'):
+    evaluator.merge_process_results([[share([1, 3, 5])], [share([2])]], [1, 2, 3, 4, 5])
+  stray = share([2, 4])
+  stray['results']['bbox'].append({'image_id': 1, 'score': 0.1})
+  with pytest.raises(ValueError, match='did not evaluate'):
+    evaluator.merge_process_results([[share([1, 3, 5])], [stray]], [1, 2, 3, 4, 5])
+  with pytest.raises(ValueError, match='different numbers'):
+    evaluator.merge_process_results([[share([1])], [share([2]), share([2])]], [1, 2])
+
+
+def test_local_copy_of_variables_keeps_local_arrays():
+  x = jnp.arange(3.0)
+  tree = {'a': x, 'b': np.ones(2)}
+  out = evaluator._local_copy(tree)
+  assert out['a'] is x and out['b'] is tree['b']  # one process: every array is fully addressable
