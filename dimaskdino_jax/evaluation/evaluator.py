@@ -194,7 +194,11 @@ def evaluate(
   num_visualize = num_visualize if writes else 0
   bar = tqdm(total=loader.num_images, unit='img', desc='eval', disable=not verbose or me != 0, dynamic_ncols=True)
 
+  undecodable = []  # image ids of val records that could not be decoded (the loader marks them as padding)
+
   def consume(batch, outputs):
+    if 'record_error' in batch:
+      undecodable.extend(np.asarray(batch['image_id'])[np.asarray(batch['record_error'], bool)].tolist())
     valid = ~np.asarray(batch['is_padding'], bool)
     ids = np.asarray(batch['image_id'])[valid]
     canvas = tuple(batch['image'].shape[1:3])
@@ -222,18 +226,28 @@ def evaluate(
   predict_s = time.time() - start
 
   if procs > 1:
-    shares = gather_to_process0([{'img_ids': ev.img_ids, 'results': ev.results} for ev in evaluators])
+    local = [{'img_ids': ev.img_ids, 'results': ev.results, 'undecodable': undecodable} for ev in evaluators]
+    shares = gather_to_process0(local)
     if me != 0:  # process 0 evaluates; the others wait for its metrics
       return share_from_process0(None)
     merged = merge_process_results(shares, all_ids)
     for ev, share in zip(evaluators, merged):
       ev.img_ids, ev.results = share['img_ids'], share['results']
+    undecodable = merged[0]['undecodable']
 
   layer_metrics = []
   for j, ev in enumerate(evaluators):
     is_final = j == len(evaluators) - 1
     layer_metrics.append(ev.evaluate(verbose=verbose and is_final))
   metrics = dict(layer_metrics[-1])
+  # Undecodable images are left out of the COCO evaluation (their GT too): counted here, never dropped silently.
+  metrics['images'] = {'evaluated': len(all_ids) - len(undecodable), 'undecodable': len(undecodable)}
+  if undecodable:
+    print(
+      f'warning: {len(undecodable)} val images could not be decoded and are not evaluated: ids '
+      f'{sorted(undecodable)[:20]}{" ..." if len(undecodable) > 20 else ""}',
+      flush=True,
+    )
   if per_layer:
     metrics['per_layer'] = [{'layer': name, **m} for name, m in zip(names, layer_metrics)]
     if verbose:
@@ -308,34 +322,36 @@ def share_from_process0(obj):
 
 
 def merge_process_results(shares: list[list[dict]], all_image_ids) -> list[dict]:
-  """Per-process shares (shares[p][j]: process p's {'img_ids', 'results'} of evaluator j) -> one merged share per
-  evaluator. Raises ValueError unless every image of `all_image_ids` was evaluated by exactly one process and every
-  result belongs to an image of its own process."""
+  """Per-process shares (shares[p][j]: process p's {'img_ids', 'results', ['undecodable']} of evaluator j) -> one
+  merged share per evaluator. Raises ValueError unless every image of `all_image_ids` was evaluated (or found
+  undecodable) by exactly one process and every result belongs to an image of its own process."""
   expected = sorted(int(i) for i in all_image_ids)
   num_evaluators = {len(s) for s in shares}
   if len(num_evaluators) != 1:
     raise ValueError(f'processes returned different numbers of evaluated entries: {sorted(num_evaluators)}')
   merged = []
   for j in range(num_evaluators.pop()):
-    ids, results, owner = [], {}, {}
+    ids, results, owner, bad = [], {}, {}, []
     for p, process_shares in enumerate(shares):
       share = process_shares[j]
       mine = {int(i) for i in share['img_ids']}
-      for i in share['img_ids']:
+      undecodable = [int(i) for i in share.get('undecodable', [])]
+      for i in [*share['img_ids'], *undecodable]:
         if int(i) in owner:
           raise ValueError(f'image {i} was evaluated by processes {owner[int(i)]} and {p}')
         owner[int(i)] = p
       ids += [int(i) for i in share['img_ids']]
+      bad += undecodable
       for t, dets in share['results'].items():
         stray = {d['image_id'] for d in dets} - mine
         if stray:
           raise ValueError(f'process {p} returned {t} results for images it did not evaluate: {sorted(stray)[:5]}')
         results.setdefault(t, []).extend(dets)
-    if sorted(ids) != expected:
-      missing = sorted(set(expected) - set(ids))
-      extra = sorted(set(ids) - set(expected))
+    if sorted(ids + bad) != expected:
+      missing = sorted(set(expected) - set(ids) - set(bad))
+      extra = sorted(set(ids + bad) - set(expected))
       raise ValueError(f'evaluated images differ from the split: missing {missing[:10]}, unexpected {extra[:10]}')
-    merged.append({'img_ids': ids, 'results': results})
+    merged.append({'img_ids': ids, 'results': results, 'undecodable': bad})
   return merged
 
 

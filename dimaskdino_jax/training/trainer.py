@@ -103,9 +103,58 @@ def init_state(config, model, tx, image_shape):
   }
 
 
-def make_metrics_class(names):
-  """A clu Collection averaging each named scalar over the steps between two log lines."""
-  return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
+class MetricAverages:
+  """Averages each named scalar over the steps between two log lines, as clu `Average` metrics on the host.
+
+  The step's scalars arrive as numpy values (one device -> host transfer per step). Building clu metrics from
+  device arrays instead (`Collection.single_from_model_output`) dispatches a few eager ops per scalar: ~130 ms
+  per step for the ~55 loss terms of the shapes config, more than a quarter of its step (measured, BENCHMARKS.md).
+  """
+
+  def __init__(self):
+    self.metrics = {}
+
+  def add(self, values):
+    for k, v in values.items():
+      update = clu_metrics.Average(total=np.asarray(v, np.float64), count=np.asarray(1, np.int64))
+      self.metrics[k] = self.metrics[k].merge(update) if k in self.metrics else update
+
+  def compute(self):
+    return {k: float(m.compute()) for k, m in self.metrics.items()}
+
+
+class DataCounts:
+  """Counts of what the input pipeline had to give up, summed over this process's batches.
+
+  `record_errors`: records that could not be decoded and became blank examples (batch['record_error']);
+  `instances_dropped`: instances beyond data.max_instances (batch['num_dropped']). Logged per log interval in
+  metrics.jsonl (`data_record_errors`, `data_instances_dropped`) and summed for this run in a closing line.
+  """
+
+  KEYS = (('record_error', 'data_record_errors'), ('num_dropped', 'data_instances_dropped'))
+
+  def __init__(self):
+    self.since_log = dict.fromkeys((name for _, name in self.KEYS), 0)
+    self.total = dict(self.since_log)
+
+  def add(self, batch):
+    for key, name in self.KEYS:
+      if key in batch:
+        n = int(np.asarray(batch[key]).sum())
+        self.since_log[name] += n
+        self.total[name] += n
+
+  def interval(self):
+    out, self.since_log = self.since_log, dict.fromkeys(self.since_log, 0)
+    return out
+
+  def report(self):
+    if any(self.total.values()):
+      print(
+        f'input pipeline, this run: {self.total["data_record_errors"]} undecodable records trained on as blank '
+        f'examples, {self.total["data_instances_dropped"]} instances beyond data.max_instances dropped',
+        flush=True,
+      )
 
 
 def make_train_step(config, model, tx):
@@ -296,8 +345,8 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   bar = ProgressBar(t.num_steps, initial=start, enabled=verbose and jax.process_index() == 0)
   max_nonfinite = int(t.max_consecutive_nonfinite)
   streak = []  # (step, non-finite names) of the current run of skipped updates
-  metrics_cls = None
-  acc = None
+  averages = MetricAverages()
+  data_counts = DataCounts()
   last_log = time.time()
   step = start
   stop = _StopSignals().install()
@@ -310,10 +359,12 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
         ckpt.wait_until_finished()
         raise TrainingInterrupted(stop.signum, step, ckpt.directory)
       batch = next(it)
+      data_counts.add(batch)
       state, scalars = run_step(step_fn, mesh, state, batch)
       step += 1
-      # One small device -> host read per step: the guard must see every skip.
-      consecutive = int(state['nonfinite']['consecutive'])
+      # One device -> host transfer per step (the guard must see every skip; the metrics are averaged here).
+      scalars, consecutive = jax.device_get((scalars, state['nonfinite']['consecutive']))
+      consecutive = int(consecutive)
       if consecutive:
         streak.append((step, nonfinite_names(scalars)))
         log.warning(
@@ -328,25 +379,25 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
           raise NonFiniteError(_nonfinite_message(streak, max_nonfinite, ckpt))
       else:
         streak = []
-      if metrics_cls is None:
-        metrics_cls = make_metrics_class(sorted(scalars))
-      update = metrics_cls.single_from_model_output(**scalars)
-      acc = update if acc is None else acc.merge(update)
+      averages.add(scalars)
       if step % t.log_every == 0 or step == t.num_steps:
-        values = {k: float(np.asarray(v)) for k, v in acc.compute().items()}
+        values = averages.compute()
         values['skipped_total'] = int(state['nonfinite']['total'])
+        values.update(data_counts.interval())
         now = time.time()
         values['steps_per_sec'] = t.log_every / max(now - last_log, 1e-9) if step % t.log_every == 0 else float('nan')
         last_log = now
         writer.write_scalars(step, values)
         bar.update(step, loss=values['loss'])
-        acc = None
+        averages = MetricAverages()
       else:
         bar.update(step)
       # No periodic checkpoint in a streak of skipped updates: the last good checkpoint stays the newest.
       if (step % t.checkpoint_every == 0 and not consecutive) or step == t.num_steps:
         ckpt.save(step, state, data=it)
     ckpt.wait_until_finished()
+    if verbose:
+      data_counts.report()
   except BaseException:
     stop.uninstall()
     bar.close()

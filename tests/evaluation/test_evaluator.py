@@ -377,6 +377,11 @@ def test_merge_process_results_checks_every_image_once():
   stray['results']['bbox'].append({'image_id': 1, 'score': 0.1})
   with pytest.raises(ValueError, match='did not evaluate'):
     evaluator.merge_process_results([[share([1, 3, 5])], [stray]], [1, 2, 3, 4, 5])
+  # An undecodable image (left out of COCO eval, counted) covers its id too.
+  (merged,) = evaluator.merge_process_results([[share([1, 3, 5])], [dict(share([2]), undecodable=[4])]], range(1, 6))
+  assert sorted(merged['img_ids']) == [1, 2, 3, 5] and merged['undecodable'] == [4]
+  with pytest.raises(ValueError, match='image 4 was evaluated by processes 0 and 1'):
+    evaluator.merge_process_results([[share([1, 3, 4, 5])], [dict(share([2]), undecodable=[4])]], range(1, 6))
   with pytest.raises(ValueError, match='different numbers'):
     evaluator.merge_process_results([[share([1])], [share([2]), share([2])]], [1, 2])
 
@@ -386,3 +391,37 @@ def test_local_copy_of_variables_keeps_local_arrays():
   tree = {'a': x, 'b': np.ones(2)}
   out = evaluator._local_copy(tree)
   assert out['a'] is x and out['b'] is tree['b']  # one process: every array is fully addressable
+
+
+def test_undecodable_val_images_are_counted_not_evaluated(data_dir, monkeypatch, capsys):
+  """The loader turns an undecodable val record into a flagged filler (tests/data/test_bad_records.py); the
+  evaluator leaves it out of the COCO evaluation and reports it in the summary and metrics['images']."""
+  config = tiny_config(data_dir)
+  gt = EvalLoader(config).prepared.coco()
+  monkeypatch.setattr(evaluator, 'make_predict_fn', _oracle_predict_factory(config, gt))
+  plain_iter = EvalLoader.__iter__
+  flagged = []
+
+  def iter_with_one_bad_record(self):
+    for batch in plain_iter(self):
+      if not flagged:  # the first real image of the first batch becomes what an undecodable record gives
+        batch = dict(batch, record_error=batch['record_error'].copy(), is_padding=batch['is_padding'].copy())
+        i = int(np.flatnonzero(~batch['is_padding'])[0])
+        batch['record_error'][i], batch['is_padding'][i] = True, True
+        flagged.append(int(batch['image_id'][i]))
+      yield batch
+
+  monkeypatch.setattr(EvalLoader, '__iter__', iter_with_one_bad_record)
+  added = []
+
+  class Recording(evaluator.COCOEvaluator):
+    def add(self, image_id, result):
+      added.append(image_id)
+      super().add(image_id, result)
+
+  monkeypatch.setattr(evaluator, 'COCOEvaluator', Recording)
+  metrics = evaluator.evaluate(config, {'params': {}}, verbose=False)
+  assert metrics['images'] == {'evaluated': NUM_VAL - 1, 'undecodable': 1}
+  assert sorted(added) == sorted(set(gt.getImgIds()) - set(flagged))
+  assert metrics['bbox']['AP'] == pytest.approx(100.0, abs=1e-6)  # the GT of the left-out image is not counted
+  assert f'ids {flagged}' in capsys.readouterr().out
