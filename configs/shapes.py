@@ -53,7 +53,7 @@ def get_config(arg=None):
   o.warmup_factor = 0.1
 
   t = c.train
-  t.num_steps = 2000  # ~0.3 s per step on an idle 2-core CPU (estimated, BENCHMARKS.md)
+  t.num_steps = 2000  # ~0.35 s per step on an idle 2-core CPU (measured, BENCHMARKS.md)
   t.batch_size = 8
   t.log_every = 50
   t.checkpoint_every = 1000

@@ -104,7 +104,8 @@ def test_evaluate_end_to_end_one_compile_per_canvas(data_dir, variables, tmp_pat
   assert dict(evaluator.PREDICT_TRACES) == {(64, 96): 1, (96, 64): 1}  # 3 batches, 2 compilations
 
   saved = _load_metrics(out / 'metrics.json')
-  assert set(saved) == {'bbox', 'segm'} == set(metrics)
+  assert set(saved) == {'bbox', 'segm', 'images'} == set(metrics)
+  assert saved['images'] == {'evaluated': loader.num_images, 'undecodable': 0}
   for t in ('bbox', 'segm'):
     assert set(saved[t]) == set(METRIC_NAMES)
     for name in METRIC_NAMES:
@@ -133,7 +134,8 @@ def test_evaluate_per_layer(data_dir, variables, tmp_path):
   assert dict(evaluator.PREDICT_TRACES) == {(64, 64): 1}
   num_layers = config.model.decoder.num_layers
   saved = _load_metrics(tmp_path / 'metrics.json')
-  assert set(saved) == {'bbox', 'segm', 'per_layer'}
+  assert set(saved) == {'bbox', 'segm', 'per_layer', 'images'}
+  assert saved['images'] == {'evaluated': 4, 'undecodable': 0}
   layers = saved['per_layer']
   assert len(layers) == num_layers + 1 == len(metrics['per_layer'])
   assert [e['layer'] for e in layers] == ['initial'] + [f'decoder_{i}' for i in range(num_layers)]
