@@ -35,11 +35,20 @@ def test_remat_gives_the_same_outputs_and_gradients():
   assert any(np.abs(np.asarray(a)).max() > 0 for a in leaves0)
   # Recomputing a layer in the backward pass repeats the same float32 operations, but XLA fuses the rematerialized
   # forward differently (1-ulp differences) and near-tied top-k selections can flip: measured 7.8e-5 relative L2 on
-  # a backbone kernel gradient. A real remat bug (a stale or missing recomputation) gives O(1) differences.
-  rel = [
-    np.linalg.norm(np.asarray(a) - np.asarray(b)) / (np.linalg.norm(np.asarray(a)) + 1e-12)
-    for a, b in zip(leaves0, leaves1)
-  ]
+  # a backbone kernel gradient (8.9e-5 at most after the merge with main). A real remat bug (a stale or missing
+  # recomputation) gives O(1) differences.
+  # Attention key-projection biases are left out of the relative check: their gradient is zero in exact arithmetic
+  # (softmax is invariant to a shift common to all keys), so what is computed is rounding noise (measured norms
+  # 8e-9 to 5e-7, differing by O(1) relatively between the two compilations); they must stay that small.
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(g0)]
+  rel, zero = [], []
+  for path, a, b in zip(paths, leaves0, leaves1):
+    a, b = np.asarray(a), np.asarray(b)
+    if "['k_proj']['bias']" in path:
+      zero.append(max(np.linalg.norm(a), np.linalg.norm(b)))
+    else:
+      rel.append(np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-12))
+  assert len(zero) >= 3 and max(zero) < 1e-5, zero
   assert max(rel) < 1e-3, max(rel)
 
 
