@@ -10,6 +10,9 @@ r"""Evaluate a DI-MaskDINO checkpoint with COCO bbox / segm AP.
 --checkpoint the workdir holding its checkpoints/ directory) with a grid of a few predictions in OUT/predictions.png.
 --per-layer adds OUT/per_layer.png: AP box and AP mask of every decoder layer and the imbalance at the first and the
 final layer (the paper's Fig. 1).
+Several hosts: run the same command on every host with --coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I (or the JAX_* environment variables, or under SLURM's srun; README, "Scaling out"): each process
+evaluates its share of the images, process 0 gathers the detections, runs the COCO evaluation and writes OUT.
 Any config field can be overridden with --config.a.b=value (Python literals: 4, 2e-4, '((800, 1333),)', True).
 The shapes config writes and prepares its synthetic dataset when it is missing.
 """
@@ -35,6 +38,9 @@ def parse_args(argv):
   parser.add_argument('--num-visualize', type=int, default=4, help='images drawn in OUT/predictions.png (0: none)')
   parser.add_argument('--out', default=None, help='output directory (default WORKDIR/eval)')
   parser.add_argument('--quiet', action='store_true', help='no progress bar or COCO summaries')
+  parser.add_argument('--coordinator_address', default=None, help='multi-host: HOST:PORT of process 0')
+  parser.add_argument('--num_processes', type=int, default=None, help='multi-host: number of processes')
+  parser.add_argument('--process_id', type=int, default=None, help='multi-host: this process, 0 .. N - 1')
   return parse_config_overrides(parser, argv)
 
 
@@ -76,12 +82,25 @@ def restore_newest(evaluator, config, args, verbose=True, attempts=3):
 
 def main(argv=None) -> dict:
   args, config = parse_args(sys.argv[1:] if argv is None else argv)
+  import jax
+
+  from dimaskdino_jax.training import sharding
+
+  try:  # before any other jax call
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  except sharding.MeshError as e:
+    raise SystemExit(f'error: {e}') from None
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
   from dimaskdino_jax.evaluation import evaluator
 
   step_dir, step, variables = restore_newest(evaluator, config, args, verbose=not args.quiet)
   out_dir = default_out_dir(args, step_dir)
-  ensure_shapes_dataset(config, verbose=not args.quiet)
+  if jax.process_index() == 0:
+    ensure_shapes_dataset(config, verbose=not args.quiet)
+  if jax.process_count() > 1:  # the others wait for process 0 to write the synthetic dataset
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices('dimaskdino_eval_dataset_ready')
   if not args.quiet:
     print(f'evaluating {step_dir} (step {step})', flush=True)
   metrics = evaluator.evaluate(
@@ -95,7 +114,7 @@ def main(argv=None) -> dict:
     verbose=not args.quiet,
     num_visualize=args.num_visualize,
   )
-  if args.per_layer and isinstance(metrics, dict) and 'per_layer' in metrics:
+  if args.per_layer and isinstance(metrics, dict) and 'per_layer' in metrics and jax.process_index() == 0:
     from dimaskdino_jax.analysis.plots import plot_per_layer
 
     path = plot_per_layer(

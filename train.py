@@ -3,6 +3,11 @@
   python train.py --config configs/shapes.py --workdir runs/shapes
   python train.py --config configs/dimaskdino_r50_coco.py:24ep --workdir runs/r50 --config.train.batch_size=8
 
+Several hosts (README, "Scaling out"): run the same command on every host with
+  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+(or the environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or under SLURM's srun,
+where they are detected). All devices of all hosts form the data-parallel mesh (config.mesh).
+
 Any config field can be overridden with --config.a.b=value. Training resumes from the newest complete
 checkpoint in --workdir. The shapes config writes and prepares its synthetic dataset when it is missing.
 
@@ -25,6 +30,9 @@ from dimaskdino_jax.config import ConfigError, validate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:variant]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics.jsonl, config.json)')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'multi-host: HOST:PORT of process 0')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'multi-host: number of processes')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-host: this process, 0 .. num_processes - 1')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -36,6 +44,12 @@ def main(argv):
     validate(config, source=flags.FLAGS['config'].config_filename)
   except ConfigError as e:
     raise app.UsageError(str(e)) from e
+  from dimaskdino_jax.training import sharding
+
+  try:  # before any other jax call
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except sharding.MeshError as e:
+    raise app.UsageError(str(e)) from e
   from dimaskdino_jax.training.checkpoint import CheckpointError, CheckpointMismatchError
   from dimaskdino_jax.training.trainer import NonFiniteError, TrainingInterrupted, train
 
@@ -44,7 +58,7 @@ def main(argv):
   except TrainingInterrupted as e:
     print(f'{e}\nTo resume: python {shlex.join(sys.argv)}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
-  except (NonFiniteError, CheckpointError, CheckpointMismatchError) as e:
+  except (NonFiniteError, CheckpointError, CheckpointMismatchError, sharding.MeshError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 

@@ -130,6 +130,10 @@ def get_config(arg=None):
   o.warmup_factor = 1.0  # WARMUP_FACTOR
   o.grad_accum_steps = 1  # gradient accumulation (optax.MultiSteps)
 
+  me = c.mesh = ml_collections.ConfigDict()
+  me.data = -1  # devices on the data-parallel axis (-1 = all devices of all hosts); train.batch_size must divide
+  me.model = 1  # a second mesh axis for later (model parallelism): only 1 is implemented
+
   t = c.train = ml_collections.ConfigDict()
   t.num_steps = max_iter  # MAX_ITER
   t.batch_size = 16  # IMS_PER_BATCH (global)

@@ -194,6 +194,16 @@ def validate(config, source='<config>') -> None:
       'set either train.init_checkpoint (all weights) or model.backbone.weights (backbone only), not both',
     )
   _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
+  if 'mesh' in config:
+    _require(config.mesh.model == 1, source, 'mesh.model', 'only 1 is implemented (data parallelism)')
+    _require(config.mesh.data == -1 or config.mesh.data >= 1, source, 'mesh.data', '-1 (all devices) or >= 1')
+    if config.mesh.data >= 1:
+      _require(
+        t.batch_size % config.mesh.data == 0,
+        source,
+        'train.batch_size',
+        f'{t.batch_size} is not divisible by mesh.data = {config.mesh.data} devices',
+      )
   _require(config.loss.num_points >= 0, source, 'loss.num_points', 'must be >= 0 (0 = every pixel)')
   _require(config.matcher.num_points >= 0, source, 'matcher.num_points', 'must be >= 0 (0 = every pixel)')
   _require(0.0 <= config.loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]')

@@ -4,8 +4,10 @@ Training (`make_train_iterator(config)`):
 
   records of the prepared split (images without non-crowd annotations removed when data.filter_empty)
     -> shuffle(seed), reshuffled every epoch -> repeat forever -> TrainTransform (LSJ or resize, transforms.py;
-       its rng is derived from the seed and the element's global position) -> this process's shard
-       (global position i goes to process i % shard_count) -> batch (per-process batch size)
+       its rng is derived from the seed and the element's global position) -> batch (per-process batch size b)
+    -> this process's shard: process p of n takes batches p, p + n, ..., so global batch k (positions
+       k*n*b ... (k+1)*n*b - 1) is the processes' batches k stacked in process order, the same global batch as
+       one process reading with batch n*b
     -> grain workers (data.num_workers processes; 0 = in-process threads)
 
   batch (numpy, static shapes), B = per-process batch, S = data.image_size, G = data.max_instances,
@@ -177,9 +179,11 @@ def make_train_dataset(
   ds = ds.shuffle(seed=seed).repeat(None)
   transform = TrainTransform.from_config(config, with_masks=prepared.has_masks)
   ds = ds.random_map(transform, seed=(seed + 1) % _MAX_SEED)
+  # Process p of n takes the p-th block of each global batch: its rows, stacked in process order, are exactly the
+  # global batch of a single-process run (so results do not depend on the number of hosts).
+  ds = ds.batch(batch_size, drop_remainder=True)
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
-  ds = ds.batch(batch_size, drop_remainder=True)
   return _finish(ds, int(d.num_workers if num_workers is None else num_workers))
 
 

@@ -23,7 +23,12 @@ Checkpoints: `resolve_checkpoint` finds a step directory (latest in a workdir, o
 `restore_variables` restores only the model variables ('params', 'frozen_bn') of a training state saved by
 training/checkpoint.py (orbax partial restore: the optimizer state is never read).
 
-Single process only (several local devices are fine: each batch is split over them when the batch size divides).
+Several local devices: each batch is split over them when the batch size divides. Several processes (multi-host,
+jax.distributed): each process evaluates its own share of the images (`EvalLoader` sharded by process) on its local
+devices, the per-image COCO results of every process are gathered to process 0 (`gather_to_process0`: JSON bytes
+in one fixed-size `process_allgather`), which checks that every image was evaluated exactly once
+(`merge_process_results`), runs the COCO evaluation alone and writes the files; the metrics are then shared so that
+every process returns the same dict.
 """
 
 import collections
@@ -157,12 +162,15 @@ def evaluate(
   """
   from dimaskdino_jax.modeling.model import build_model  # lazy: the only place evaluation touches the model
 
-  if jax.process_count() > 1:
-    raise NotImplementedError('evaluate() runs in a single process; run eval.py on one host')
+  procs, me = jax.process_count(), jax.process_index()
   start = time.time()
-  loader = EvalLoader(config, split=split, mode=mode, max_images=max_images)
+  loader = EvalLoader(config, split=split, mode=mode, max_images=max_images, shard_index=me, shard_count=procs)
   prepared = loader.prepared
-  if loader.num_images == 0:
+  # Every image of the split (the union of the processes' shares); read from the index only.
+  all_ids = loader.image_ids
+  if procs > 1:
+    all_ids = EvalLoader(config, split=split, mode=mode, max_images=max_images, prepared=prepared).image_ids
+  if len(all_ids) == 0:
     raise ValueError(f'{prepared.path}: no images to evaluate')
   _check_classes(config, prepared)
   coco_gt = prepared.coco()
@@ -180,10 +188,11 @@ def evaluate(
   evaluators = [COCOEvaluator(coco_gt, category_ids, iou_types, use_faster_coco_eval=use_fast) for _ in names]
 
   place = _Placement()
-  variables = place.variables(variables)
+  variables = place.variables(_local_copy(variables))
   vis_ids, vis_results = [], []
-  num_visualize = num_visualize if out_dir is not None else 0
-  bar = tqdm(total=loader.num_images, unit='img', desc='eval', disable=not verbose, dynamic_ncols=True)
+  writes = out_dir is not None and me == 0
+  num_visualize = num_visualize if writes else 0
+  bar = tqdm(total=loader.num_images, unit='img', desc='eval', disable=not verbose or me != 0, dynamic_ncols=True)
 
   undecodable = []  # image ids of val records that could not be decoded (the loader marks them as padding)
 
@@ -216,13 +225,23 @@ def evaluate(
   bar.close()
   predict_s = time.time() - start
 
+  if procs > 1:
+    local = [{'img_ids': ev.img_ids, 'results': ev.results, 'undecodable': undecodable} for ev in evaluators]
+    shares = gather_to_process0(local)
+    if me != 0:  # process 0 evaluates; the others wait for its metrics
+      return share_from_process0(None)
+    merged = merge_process_results(shares, all_ids)
+    for ev, share in zip(evaluators, merged):
+      ev.img_ids, ev.results = share['img_ids'], share['results']
+    undecodable = merged[0]['undecodable']
+
   layer_metrics = []
   for j, ev in enumerate(evaluators):
     is_final = j == len(evaluators) - 1
     layer_metrics.append(ev.evaluate(verbose=verbose and is_final))
   metrics = dict(layer_metrics[-1])
   # Undecodable images are left out of the COCO evaluation (their GT too): counted here, never dropped silently.
-  metrics['images'] = {'evaluated': int(loader.num_images) - len(undecodable), 'undecodable': len(undecodable)}
+  metrics['images'] = {'evaluated': len(all_ids) - len(undecodable), 'undecodable': len(undecodable)}
   if undecodable:
     print(
       f'warning: {len(undecodable)} val images could not be decoded and are not evaluated: ids '
@@ -234,13 +253,14 @@ def evaluate(
     if verbose:
       print('per-layer AP:\n' + format_per_layer_table(metrics['per_layer']), flush=True)
   if verbose:
+    processes = f' by {procs} processes' if procs > 1 else ''
     print(
-      f'evaluated {loader.num_images} images of {prepared.name}/{prepared.split} ({mode}, canvases '
+      f'evaluated {len(all_ids)} images of {prepared.name}/{prepared.split}{processes} ({mode}, canvases '
       f'{loader.canvases}) in {time.time() - start:.1f}s ({predict_s:.1f}s predict + post-process)',
       flush=True,
     )
 
-  if out_dir is not None:
+  if writes:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, METRICS_FILE)
     with open(path + '.tmp', 'w') as f:
@@ -256,7 +276,83 @@ def evaluate(
       )
     if verbose:
       print(f'wrote {path}', flush=True)
+  if procs > 1:
+    share_from_process0(metrics)
   return metrics
+
+
+# ------------------------------------------------------------------------------------------------ multi-host
+def _local_copy(tree):
+  """Arrays spanning other processes' devices (a multi-host training state, replicated) -> this process's copy
+  (host numpy); other leaves unchanged. The evaluation runs on the local devices only."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_shards[0].data)
+    return x
+
+  return jax.tree.map(one, tree)
+
+
+def _allgather_bytes(payload: bytes) -> list[bytes]:
+  """Every process's `payload`, in process order, on every process (two fixed-size process_allgather calls)."""
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(payload, np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+  padded = np.zeros((int(sizes.max()) if sizes.size else 0,), np.uint8)
+  padded[: data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [rows[i, : int(n)].tobytes() for i, n in enumerate(sizes)]
+
+
+def gather_to_process0(shares: list[dict]) -> list[list[dict]] | None:
+  """This process's evaluated shares (one {'img_ids', 'results'} per evaluator) -> on process 0, every process's
+  shares in process order; None elsewhere. A collective: every process must call it."""
+  rows = _allgather_bytes(json.dumps(shares).encode())
+  if jax.process_index() != 0:
+    return None
+  return [json.loads(r) for r in rows]
+
+
+def share_from_process0(obj):
+  """process 0's `obj` (JSON-serializable; NaN allowed) on every process. A collective: every process calls it."""
+  payload = json.dumps(obj).encode() if jax.process_index() == 0 else b''
+  return json.loads(_allgather_bytes(payload)[0])
+
+
+def merge_process_results(shares: list[list[dict]], all_image_ids) -> list[dict]:
+  """Per-process shares (shares[p][j]: process p's {'img_ids', 'results', ['undecodable']} of evaluator j) -> one
+  merged share per evaluator. Raises ValueError unless every image of `all_image_ids` was evaluated (or found
+  undecodable) by exactly one process and every result belongs to an image of its own process."""
+  expected = sorted(int(i) for i in all_image_ids)
+  num_evaluators = {len(s) for s in shares}
+  if len(num_evaluators) != 1:
+    raise ValueError(f'processes returned different numbers of evaluated entries: {sorted(num_evaluators)}')
+  merged = []
+  for j in range(num_evaluators.pop()):
+    ids, results, owner, bad = [], {}, {}, []
+    for p, process_shares in enumerate(shares):
+      share = process_shares[j]
+      mine = {int(i) for i in share['img_ids']}
+      undecodable = [int(i) for i in share.get('undecodable', [])]
+      for i in [*share['img_ids'], *undecodable]:
+        if int(i) in owner:
+          raise ValueError(f'image {i} was evaluated by processes {owner[int(i)]} and {p}')
+        owner[int(i)] = p
+      ids += [int(i) for i in share['img_ids']]
+      bad += undecodable
+      for t, dets in share['results'].items():
+        stray = {d['image_id'] for d in dets} - mine
+        if stray:
+          raise ValueError(f'process {p} returned {t} results for images it did not evaluate: {sorted(stray)[:5]}')
+        results.setdefault(t, []).extend(dets)
+    if sorted(ids + bad) != expected:
+      missing = sorted(set(expected) - set(ids) - set(bad))
+      extra = sorted(set(ids + bad) - set(expected))
+      raise ValueError(f'evaluated images differ from the split: missing {missing[:10]}, unexpected {extra[:10]}')
+    merged.append({'img_ids': ids, 'results': results, 'undecodable': bad})
+  return merged
 
 
 def check_metrics(metrics) -> None:

@@ -10,7 +10,8 @@ where the mask costs use one set of `matcher.num_points` uniform points per imag
 with `matcher.num_points = 0` every pixel centre of the predicted mask map (the GT sampled there once per step), and
 are left out for class+box-only matchings (the DI `oldm` outputs). `hungarian_match` then solves every matching
 of a training step (final, aux, interm, DI aux; all images) in ONE `jax.pure_callback` to
-`scipy.optimize.linear_sum_assignment`, and returns static-shape results: for every matching set and image a
+`scipy.optimize.linear_sum_assignment` (one per device under a data-parallel mesh: each device's images only,
+kernels/per_shard.py), and returns static-shape results: for every matching set and image a
 (G,) int32 array `query_for_gt` (the query matched to each GT, -1 for padded / unmatched GT).
 """
 
@@ -24,6 +25,7 @@ import scipy.optimize
 
 from dimaskdino_jax import box_ops
 from dimaskdino_jax.losses.point_sampling import point_sample
+from kernels.per_shard import per_shard
 
 # Fill value of padded query rows and padded GT columns; the host solver never reads those entries.
 PAD_COST = 1e8
@@ -172,10 +174,15 @@ def hungarian_match(costs: Sequence, gt_valid):
     num_queries += [q] * c.shape[0]
     leads.append(lead)
   stacked = jnp.concatenate(flat, axis=0)  # (M, B, Qmax, G)
-  result = jax.ShapeDtypeStruct((stacked.shape[0], b, g), jnp.int32)
   # Looked up at trace time so tests can wrap it to count host calls.
   host = functools.partial(_solve_host, num_queries=tuple(num_queries))
-  out = jax.pure_callback(host, result, stacked, gt_valid.astype(bool), vmap_method='expand_dims')
+
+  def solve(c, v):  # (M, b, Qmax, G), (b, G) -> (M, b, G): b = B, or this device's rows under a data mesh
+    shape = jax.ShapeDtypeStruct((c.shape[0], *v.shape), jnp.int32)
+    return jax.pure_callback(host, shape, c, v, vmap_method='expand_dims')
+
+  # Data parallel (a `data` mesh set at trace time): one callback per device with its own images only.
+  out = per_shard(solve, (1, 0), 1)(stacked, gt_valid.astype(bool))
   results, start = [], 0
   for lead, c in zip(leads, flat):
     n = c.shape[0]

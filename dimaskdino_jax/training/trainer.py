@@ -37,12 +37,11 @@ from dimaskdino_jax.convert.init import load_initial_weights
 from dimaskdino_jax.losses.criterion import compute_losses
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
-from dimaskdino_jax.training import partition
+from dimaskdino_jax.training import partition, sharding
 from dimaskdino_jax.training.checkpoint import (
   Checkpointer,
   abstract_state,
   check_workdir,
-  replicated_sharding,
   state_nbytes,
 )
 from dimaskdino_jax.training.writers import MetricWriter, ProgressBar
@@ -213,15 +212,37 @@ def make_train_step(config, model, tx):
 _STEP_CACHE = {}
 
 
-def compiled_train_step(config, model, tx):
-  """The jitted step for (config, model), reused across train() calls in one process (resume tests, sweeps)."""
-  sections = {k: v for k, v in config.to_dict().items() if k not in ('train', 'eval', 'data')}
-  key = (repr(sorted(sections.items())), str(config.train.get('trainable', 'all')), model)
+def jit_train_step(config, model, tx, mesh):
+  """The step jitted for `mesh`: state replicated, batch sharded on `data`, state donated; call it (and so trace
+  it) under `jax.set_mesh(mesh)` (`run_step`) so the per-shard ops (matcher callback, deformable attention) see the
+  mesh."""
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(
+    make_train_step(config, model, tx), in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0
+  )
+
+
+def compiled_train_step(config, model, tx, mesh=None):
+  """The jitted step for (config, model, mesh), reused across train() calls in one process (resume tests, sweeps)."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(config)
+  sections = {k: v for k, v in config.to_dict().items() if k not in ('train', 'eval', 'data', 'mesh')}
+  key = (repr(sorted(sections.items())), str(config.train.get('trainable', 'all')), model, mesh)
   if key not in _STEP_CACHE:
-    while len(_STEP_CACHE) >= 2:  # keep two: a step holds its compiled executables
+    while len(_STEP_CACHE) >= 3:  # keep three: a step holds its compiled executables
       _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-    _STEP_CACHE[key] = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
+    _STEP_CACHE[key] = jit_train_step(config, model, tx, mesh)
   return _STEP_CACHE[key]
+
+
+def run_step(step_fn, mesh, state, batch):
+  """One step on a host batch of this process (numpy; its rows of the global batch)."""
+  with jax.set_mesh(mesh):
+    return step_fn(state, sharding.shard_batch(batch_arrays(batch), mesh))
+
+
+def batch_arrays(batch):
+  """The entries of a pipeline batch that the step reads."""
+  return {k: v for k, v in batch.items() if k in ('image', *TARGET_KEYS)}
 
 
 def batch_to_device(batch):
@@ -273,18 +294,28 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
 
   check_workdir(workdir)
-  ensure_shapes_dataset(config)
+  mesh = sharding.make_mesh(config)
+  local_batch = sharding.check_batch(config, mesh)
+  if jax.process_index() == 0:
+    ensure_shapes_dataset(config)
+  if jax.process_count() > 1:  # the others wait for process 0 to write the synthetic dataset
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices('dimaskdino_dataset_ready')
   model = build_model(config)
-  it = data_iterator if data_iterator is not None else make_train_iterator(config)
+  it = data_iterator
+  if it is None:  # this process's share of every global batch (pipeline.py: sharding by process)
+    it = make_train_iterator(config, shard_index=jax.process_index(), shard_count=jax.process_count())
   t = config.train
-  image_shape = (t.batch_size // jax.process_count(), config.data.image_size, config.data.image_size, 3)
+  image_shape = (local_batch, config.data.image_size, config.data.image_size, 3)
+  replicated = sharding.replicated(mesh)
 
   # The optimizer needs the param tree (shapes only); restore into the abstract state, or initialize.
   tx = optim_lib.build_optimizer(config, partition.trainable_params(config, abstract_params(model, image_shape)))
   state_shape = jax.eval_shape(lambda: init_state(config, model, tx, image_shape))
   check_workdir(workdir, state_nbytes(state_shape))
   ckpt = Checkpointer(workdir, config)
-  restored = ckpt.restore_latest(abstract_state(state_shape), data_iterator=it)
+  restored = ckpt.restore_latest(abstract_state(state_shape, replicated), data_iterator=it)
   if restored is not None:
     state = restored['state']
     if verbose:
@@ -293,7 +324,7 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
     state = init_state(config, model, tx, image_shape)
     state = load_initial_weights(config, state, verbose=verbose)  # train.init_checkpoint / backbone.weights
     # Placed like a restored state (replicated), so fresh and resumed runs share one compiled step.
-    state = jax.device_put(state, replicated_sharding())
+    state = sharding.put_replicated(state, mesh)
 
   if verbose and jax.process_index() == 0:
     print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)
@@ -302,7 +333,13 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
       print(partition.describe(config, state['params']), flush=True)
     print('optimizer groups: ' + ', '.join(f'{k}: {v[1]:,}' for k, v in sorted(groups.items())), flush=True)
 
-  step_fn = compiled_train_step(config, model, tx)
+  step_fn = compiled_train_step(config, model, tx, mesh)
+  if verbose and jax.process_index() == 0 and mesh.size > 1:
+    print(
+      f'data parallel: {mesh.shape[sharding.DATA]} devices, {jax.process_count()} process(es), global batch '
+      f'{t.batch_size} ({t.batch_size // mesh.shape[sharding.DATA]} per device)',
+      flush=True,
+    )
   start = int(state['step'])
   writer = MetricWriter(workdir, start_step=start)
   bar = ProgressBar(t.num_steps, initial=start, enabled=verbose and jax.process_index() == 0)
@@ -323,7 +360,7 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
         raise TrainingInterrupted(stop.signum, step, ckpt.directory)
       batch = next(it)
       data_counts.add(batch)
-      state, scalars = step_fn(state, batch_to_device(batch))
+      state, scalars = run_step(step_fn, mesh, state, batch)
       step += 1
       # One device -> host transfer per step (the guard must see every skip; the metrics are averaged here).
       scalars, consecutive = jax.device_get((scalars, state['nonfinite']['consecutive']))

@@ -30,6 +30,7 @@ import numpy as np
 from kernels.ms_deform_attn.dense import dense_fits, ms_deform_attn_dense
 from kernels.ms_deform_attn.reference import ms_deform_attn_reference
 from kernels.ms_deform_attn.xla import ms_deform_attn_xla
+from kernels.per_shard import per_shard
 
 __all__ = [
   'IMPLS',
@@ -119,16 +120,24 @@ def _resolve(impl, value, sampling_locations):
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl='auto'):
-  """Multi-scale deformable attention; see the module docstring for shapes and semantics."""
+  """Multi-scale deformable attention; see the module docstring for shapes and semantics.
+
+  Under a data-parallel mesh (`jax.set_mesh` with a `data` axis > 1 at trace time) the op runs on each device's
+  shard of the batch (`jax.shard_map`, kernels/per_shard.py), and 'auto' chooses by the per-shard size.
+  """
   shapes, starts = normalize_shapes(spatial_shapes, level_start_index)
   _check(value, shapes, starts, sampling_locations, attention_weights)
-  impl = _resolve(impl, value, sampling_locations)
-  if impl == 'xla':
-    return _xla(value, shapes, starts, sampling_locations, attention_weights)
-  if impl == 'dense':
-    return _dense(value, shapes, starts, sampling_locations, attention_weights)
-  if impl == 'reference':
-    return _reference(value, shapes, starts, sampling_locations, attention_weights)
-  # impl == 'pallas': the Triton kernel on GPU, the same kernel interpreted as XLA ops elsewhere (slow; tests).
-  interpret = jax.default_backend() != 'gpu'
-  return _pallas()(value, shapes, starts, sampling_locations, attention_weights, interpret)
+
+  def run(value, sampling_locations, attention_weights):
+    chosen = _resolve(impl, value, sampling_locations)
+    if chosen == 'xla':
+      return _xla(value, shapes, starts, sampling_locations, attention_weights)
+    if chosen == 'dense':
+      return _dense(value, shapes, starts, sampling_locations, attention_weights)
+    if chosen == 'reference':
+      return _reference(value, shapes, starts, sampling_locations, attention_weights)
+    # 'pallas': the Triton kernel on GPU, the same kernel interpreted as XLA ops elsewhere (slow; tests).
+    interpret = jax.default_backend() != 'gpu'
+    return _pallas()(value, shapes, starts, sampling_locations, attention_weights, interpret)
+
+  return per_shard(run, (0, 0, 0), 0)(value, sampling_locations, attention_weights)

@@ -112,6 +112,11 @@ def test_shards_differ_and_workers_match(data_dir):
   s1 = _take(pipeline.make_train_iterator(config, shard_index=1, shard_count=2), 2)
   assert s0[0]['image'].shape[0] == 2  # global batch 4 over 2 processes
   assert not np.array_equal(s0[0]['image'], s1[0]['image'])
+  # The processes' rows stacked in process order are the single-process global batch (multi-host = one host).
+  single = _take(pipeline.make_train_iterator(config), 2)
+  for k in range(2):
+    for key in ('image', 'boxes', 'valid'):
+      np.testing.assert_array_equal(np.concatenate([s0[k][key], s1[k][key]]), single[k][key])
   # Two worker processes: the same stream as in-process, and resumable.
   reference = _take(pipeline.make_train_iterator(config, num_workers=0), 4)
   it = pipeline.make_train_iterator(config, num_workers=2)

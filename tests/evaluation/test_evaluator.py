@@ -362,6 +362,39 @@ def test_draw_predictions_and_grid(tmp_path):
   assert np.all(big[6 * 20 : 6 * 28, 6 * 8 : 6 * 22] == inner[0, 0])  # the mask, enlarged
 
 
+def test_merge_process_results_checks_every_image_once():
+  # Process shares as gather_to_process0 returns them: shares[p][j] = process p's images and results of evaluator j.
+  def share(ids):
+    return {'img_ids': ids, 'results': {'bbox': [{'image_id': i, 'score': 0.5} for i in ids]}}
+
+  shares = [[share([1, 3, 5])], [share([2, 4])]]
+  (merged,) = evaluator.merge_process_results(shares, [5, 4, 3, 2, 1])
+  assert sorted(merged['img_ids']) == [1, 2, 3, 4, 5]
+  assert sorted(d['image_id'] for d in merged['results']['bbox']) == [1, 2, 3, 4, 5]
+  with pytest.raises(ValueError, match='image 3 was evaluated by processes 0 and 1'):
+    evaluator.merge_process_results([[share([1, 3, 5])], [share([2, 3, 4])]], [1, 2, 3, 4, 5])
+  with pytest.raises(ValueError, match=r'missing \[4\]'):
+    evaluator.merge_process_results([[share([1, 3, 5])], [share([2])]], [1, 2, 3, 4, 5])
+  stray = share([2, 4])
+  stray['results']['bbox'].append({'image_id': 1, 'score': 0.1})
+  with pytest.raises(ValueError, match='did not evaluate'):
+    evaluator.merge_process_results([[share([1, 3, 5])], [stray]], [1, 2, 3, 4, 5])
+  # An undecodable image (left out of COCO eval, counted) covers its id too.
+  (merged,) = evaluator.merge_process_results([[share([1, 3, 5])], [dict(share([2]), undecodable=[4])]], range(1, 6))
+  assert sorted(merged['img_ids']) == [1, 2, 3, 5] and merged['undecodable'] == [4]
+  with pytest.raises(ValueError, match='image 4 was evaluated by processes 0 and 1'):
+    evaluator.merge_process_results([[share([1, 3, 4, 5])], [dict(share([2]), undecodable=[4])]], range(1, 6))
+  with pytest.raises(ValueError, match='different numbers'):
+    evaluator.merge_process_results([[share([1])], [share([2]), share([2])]], [1, 2])
+
+
+def test_local_copy_of_variables_keeps_local_arrays():
+  x = jnp.arange(3.0)
+  tree = {'a': x, 'b': np.ones(2)}
+  out = evaluator._local_copy(tree)
+  assert out['a'] is x and out['b'] is tree['b']  # one process: every array is fully addressable
+
+
 def test_undecodable_val_images_are_counted_not_evaluated(data_dir, monkeypatch, capsys):
   """The loader turns an undecodable val record into a flagged filler (tests/data/test_bad_records.py); the
   evaluator leaves it out of the COCO evaluation and reports it in the summary and metrics['images']."""

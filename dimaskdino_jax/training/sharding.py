@@ -1,0 +1,162 @@
+"""Data parallelism: the device mesh, batch / state shardings, per-shard host work, multi-host start-up.
+
+The mesh has two named axes, `data` x `model` (config.mesh.data, config.mesh.model; -1 = all devices). Only data
+parallelism is implemented: `model` must be 1 (it is there so a second axis can be added without renaming specs).
+The global batch is sharded on `data` (`shard_batch`: each process passes its own rows, see
+`jax.make_array_from_process_local_data`); params and optimizer state are replicated (`replicated`). The train
+step is one `jax.jit` with these in / out shardings and the state donated (trainer.py), traced under
+`jax.set_mesh(mesh)`, so the ops that cannot be partitioned by XLA find the mesh at trace time and run per shard
+in `jax.shard_map` (`per_shard`): the Hungarian matching's host callback (each device hands its own images to
+scipy; no device gathers the batch) and the deformable-attention op (a Pallas kernel is opaque to the
+partitioner). Everything else (model, losses, the normalizer = number of GT boxes of the global batch, random
+draws) is computed on global arrays, so a step gives the single-device result for the same global batch up to
+floating-point summation order; with one device (`data_size() == 1`) nothing is wrapped at all.
+
+Multi-host (`initialize_distributed`): `jax.distributed.initialize` from explicit flags, or the environment
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a SLURM job step (jax's own cluster
+detection); a single process needs none of it.
+"""
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kernels.per_shard import DATA, data_size, per_shard  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
+MODEL = 'model'
+AXES = (DATA, MODEL)
+
+
+class MeshError(ValueError):
+  """A mesh / batch size that cannot work on these devices; the message names the config field."""
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int]:
+  """(data, model) axis sizes from config.mesh (-1 = the devices left), checked against `num_devices`."""
+  spec = config.get('mesh', None)
+  data = int(spec.data) if spec is not None else -1
+  model = int(spec.model) if spec is not None else 1
+  if model != 1:
+    raise MeshError(f'mesh.model = {model}: only data parallelism is implemented; set --config.mesh.model=1')
+  if data == -1:
+    data = num_devices // model
+  if data < 1 or data * model > num_devices:
+    raise MeshError(
+      f'mesh.data = {data} x mesh.model = {model} needs {data * model} devices, {num_devices} available; '
+      'set --config.mesh.data=-1 (all devices) or a smaller value'
+    )
+  return data, model
+
+
+def make_mesh(config=None, devices=None) -> Mesh:
+  """The (data, model) mesh over `devices` (default all devices of all processes; the first data x model)."""
+  devices = list(jax.devices() if devices is None else devices)
+  data, model = mesh_shape(config if config is not None else {}, len(devices))
+  if data * model < len(devices) and jax.process_count() > 1:
+    raise MeshError(f'mesh.data = {data}: with several processes the mesh must span all {len(devices)} devices')
+  grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
+  return Mesh(grid, AXES)  # Auto axis types: XLA partitions everything not in shard_map
+
+
+def check_batch(config, mesh: Mesh) -> int:
+  """The per-process batch size; fails naming train.batch_size when it does not divide over devices / processes."""
+  b = int(config.train.batch_size)
+  n = mesh.shape[DATA]
+  if b % n:
+    raise MeshError(
+      f'train.batch_size = {b} is not divisible by the {n} devices of the mesh data axis (mesh.data); use a '
+      f'multiple of {n} (--config.train.batch_size) or fewer devices (--config.mesh.data)'
+    )
+  procs = jax.process_count()
+  if b % procs:
+    raise MeshError(f'train.batch_size = {b} is not divisible by the {procs} processes')
+  return b // procs
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def put_replicated(tree, mesh: Mesh):
+  """A host-computed pytree (the same on every process, e.g. a seeded init) replicated on every device of `mesh`.
+
+  One process: `jax.device_put`. Several: each process fills its own devices from its copy
+  (`jax.make_array_from_callback`; device_put cannot target other processes' devices). PRNG key leaves keep their
+  key type.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(one, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis on `data`, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(DATA))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Host numpy batch of THIS process (its rows of the global batch, in process order) -> global jax arrays."""
+  sharding = batch_sharding(mesh)
+  procs = jax.process_count()
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * procs, *v.shape[1:]))
+  return out
+
+
+ENV_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
+ENV_NUM = 'JAX_NUM_PROCESSES'
+ENV_ID = 'JAX_PROCESS_ID'
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> bool:
+  """Starts jax.distributed when asked for; returns True if it did. Call before any other jax call.
+
+  Explicit arguments win, then the environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID, then a SLURM job step with more than one task (SLURM_NTASKS > 1 under srun: jax reads the
+  coordinator, process count and id from SLURM itself). Nothing given: a single process, nothing to do.
+  """
+  address = coordinator_address or os.environ.get(ENV_ADDRESS) or None
+  num = num_processes if num_processes is not None else _env_int(ENV_NUM)
+  pid = process_id if process_id is not None else _env_int(ENV_ID)
+  if address or num is not None or pid is not None:
+    given = (('coordinator address', address), ('process count', num), ('process id', pid))
+    missing = [n for n, v in given if v is None]
+    if missing:
+      raise MeshError(
+        f'multi-host start-up needs the coordinator address, the process count and the process id; missing: '
+        f'{", ".join(missing)} (flags --coordinator_address / --num_processes / --process_id or the environment '
+        f'variables {ENV_ADDRESS} / {ENV_NUM} / {ENV_ID})'
+      )
+    if num == 1:
+      return False
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    return True
+  if int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1 and 'SLURM_STEP_ID' in os.environ:
+    jax.distributed.initialize()  # jax's SLURM detection: coordinator = first node, id = SLURM_PROCID
+    return True
+  return False
+
+
+def _env_int(name):
+  value = os.environ.get(name)
+  if value in (None, ''):
+    return None
+  try:
+    return int(value)
+  except ValueError as e:
+    raise MeshError(f'environment variable {name}={value!r} is not an integer') from e
