@@ -199,10 +199,8 @@ def _oracle_predict_factory(config, gt, num_entries=1):
   return lambda *args, **kwargs: predict
 
 
-def test_oracle_predictions_give_full_ap(data_dir, monkeypatch):
-  config = tiny_config(data_dir, **TWO_CANVASES)
-  gt = EvalLoader(config).prepared.coco()
-  monkeypatch.setattr(evaluator, 'make_predict_fn', _oracle_predict_factory(config, gt))
+def _record_added_images(monkeypatch):
+  """Makes evaluate() record the image ids its COCOEvaluator receives; returns that (growing) list."""
   added = []
 
   class Recording(evaluator.COCOEvaluator):
@@ -211,6 +209,14 @@ def test_oracle_predictions_give_full_ap(data_dir, monkeypatch):
       super().add(image_id, result)
 
   monkeypatch.setattr(evaluator, 'COCOEvaluator', Recording)
+  return added
+
+
+def test_oracle_predictions_give_full_ap(data_dir, monkeypatch):
+  config = tiny_config(data_dir, **TWO_CANVASES)
+  gt = EvalLoader(config).prepared.coco()
+  monkeypatch.setattr(evaluator, 'make_predict_fn', _oracle_predict_factory(config, gt))
+  added = _record_added_images(monkeypatch)
   metrics = evaluator.evaluate(config, {'params': {}}, verbose=False)
   assert sorted(added) == sorted(gt.getImgIds()) == list(range(1, NUM_VAL + 1))  # every image once, no fillers
   assert metrics['bbox']['AP'] == pytest.approx(100.0, abs=1e-6)
@@ -414,14 +420,7 @@ def test_undecodable_val_images_are_counted_not_evaluated(data_dir, monkeypatch,
       yield batch
 
   monkeypatch.setattr(EvalLoader, '__iter__', iter_with_one_bad_record)
-  added = []
-
-  class Recording(evaluator.COCOEvaluator):
-    def add(self, image_id, result):
-      added.append(image_id)
-      super().add(image_id, result)
-
-  monkeypatch.setattr(evaluator, 'COCOEvaluator', Recording)
+  added = _record_added_images(monkeypatch)
   metrics = evaluator.evaluate(config, {'params': {}}, verbose=False)
   assert metrics['images'] == {'evaluated': NUM_VAL - 1, 'undecodable': 1}
   assert sorted(added) == sorted(set(gt.getImgIds()) - set(flagged))
