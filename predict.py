@@ -34,11 +34,7 @@ def main(argv=None) -> dict:
   from dimaskdino_jax.evaluation import evaluator
   from dimaskdino_jax.evaluation.inference import Predictor, class_info, predict_files
 
-  try:
-    step_dir, step = evaluator.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
-    variables = evaluator.restore_variables(config, step_dir)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
+  step_dir, step, variables = evaluator.restore_for_cli(config, args.workdir, args.checkpoint)
   names, ids, source = class_info(config)
   if not args.quiet:
     print(f'predicting with {step_dir} (step {step}); classes from {source}', flush=True)

@@ -102,11 +102,7 @@ def main(argv=None) -> str:
   from dimaskdino_jax.evaluation import evaluator
   from dimaskdino_jax.evaluation.inference import class_info
 
-  try:
-    step_dir, step = evaluator.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
-    variables = evaluator.restore_variables(config, step_dir)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
+  step_dir, step, variables = evaluator.restore_for_cli(config, args.workdir, args.checkpoint)
   canvas = tuple(args.canvas) if args.canvas else tuple(int(v) for v in config.data.eval_canvases[0])
   try:
     exported = export_predict(config, variables, canvas, args.batch_size, platforms=args.platforms)

@@ -406,6 +406,16 @@ def resolve_checkpoint(workdir: str | None = None, checkpoint: str | None = None
   return os.path.join(directory, str(steps[-1])), steps[-1]
 
 
+def restore_for_cli(config, workdir=None, checkpoint=None):
+  """(step_dir, step, variables) of the latest checkpoint in WORKDIR or of CHECKPOINT, for the command-line tools:
+  a missing checkpoint or one of another model exits with the error message instead of a traceback."""
+  try:
+    step_dir, step = resolve_checkpoint(workdir=workdir, checkpoint=checkpoint)
+    return step_dir, step, restore_variables(config, step_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+
+
 def restore_variables(config, step_dir: str) -> dict:
   """{'params': ..., 'frozen_bn': ...} of the model of `config`, restored from STEP_DIR/state (partial restore).
 
