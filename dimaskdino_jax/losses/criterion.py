@@ -378,9 +378,9 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
     for name, (head, with_masks) in sets.items()
   ]
   matches = dict(zip(sets, matcher.hungarian_match(costs, valid)))
-  assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1]) if with_dn else None
   mask_sums = {}
   if looped:
+    assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1]) if with_dn else None
     mask_sums = _looped_mask_terms(predictions, sets, matches, assignment, n_dn, targets['masks'], k_loss, lc)
 
   terms = {}
@@ -409,6 +409,7 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
   add('', '', set_sums('final'), num_masks)
 
   if with_dn:
+    assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1])
     groups = jnp.asarray(predictions.dn_info.num_groups, jnp.float32)
     dn_denom = num_masks * jnp.maximum(groups, 1.0)
     fn = lambda h, u: dn_loss_sums(h, targets, assignment, lc, u)
