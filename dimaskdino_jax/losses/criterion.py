@@ -11,6 +11,8 @@ Terms (each normalized by num_masks = number of valid GT in the batch, clamped >
   loss_giou  1 - GIoU over matched pairs.
   loss_mask  per matched pair, mean sigmoid BCE over importance-sampled points.
   loss_dice  per matched pair, 1 - (2 sum(s t) + 1) / (sum(s) + sum(t) + 1) over the same points.
+             Taken in a loop over the stacked layers (`looped_mask_loss_sums`: lax.scan, rematerialized body), so
+             the points and sampled logits of one layer's sets exist at a time, not those of all sets of the step.
              With `loss.num_points = 0` both are taken at every pixel of the predicted mask map instead (the GT
              sampled once at those pixel centres): not the official recipe, a cheaper one for small mask maps.
 Copies: no suffix (final layer), `_{i}` (aux i; i = 0 is the initial prediction), `_interm` (encoder selection),
@@ -21,6 +23,7 @@ copy: class_weight, box_weight, giou_weight (all x detection_weight_scale), mask
 """
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +116,69 @@ def mask_loss_sums(pred_masks, gt_masks, weights, uniform, loss_cfg):
     uniform=uniform.reshape(-1, *uniform.shape[-2:]),
   )
   return mask_loss_sums_at_points(pred, gt, points, weights.reshape(-1))
+
+
+class MaskPairs(NamedTuple):
+  """The (prediction, GT) pairs of L stacked prediction sets that get the point-sampled mask losses.
+
+  masks:  (L, B, Q, Hm, Wm) mask logits.
+  query:  (L, B, P) int32 in [0, Q): the predicted mask of each pair; None when pair p is query p (P = Q).
+  gt:     (L, B, P) int32 in [0, G): the GT mask of each pair; None when pair p is GT p (P = G).
+  weight: (L, B, P): 1 for pairs with a loss, 0 for the others (their loss is computed and multiplied by 0).
+  """
+
+  masks: Any
+  query: Any
+  gt: Any
+  weight: Any
+
+
+def loss_point_uniforms(key, index, num_maps, loss_cfg):
+  """The uniform values of the importance sampling at loop step `index` of `looped_mask_loss_sums`:
+  (num_maps, num_uniform_draws, 2), the maps of every MaskPairs of the step in order, image-major within each."""
+  return jax.random.uniform(jax.random.fold_in(key, index), (num_maps, num_uniform_draws(loss_cfg), 2), jnp.float32)
+
+
+def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
+  """Point-sampled mask losses (as `mask_loss_sums`) of stacked prediction sets, one stack entry at a time.
+
+  pairs: sequence of MaskPairs with the same L; gt_masks (B, G, Hg, Wg) binary; key: PRNG key of the points.
+  Returns a list like `pairs` of (bce (L,), dice (L,)) weighted sums.
+
+  A `lax.scan` over the L entries with a rematerialized (`jax.checkpoint`) body: the uniform draws, the candidate
+  taps of the importance sampling and the sampled logits exist for one entry at a time, in the forward and again
+  in the backward pass (recomputed from the same key), instead of for all sets of the step at once. Step l draws
+  its uniforms with `loss_point_uniforms(key, l, ...)`, so the losses equal `mask_loss_sums` given those values.
+  """
+  pairs = tuple(pairs)
+  n_steps = {p.masks.shape[0] for p in pairs}
+  if len(n_steps) != 1:
+    raise ValueError(f'looped_mask_loss_sums: the MaskPairs must share their leading size, got {sorted(n_steps)}')
+  num_points, over = int(loss_cfg.num_points), float(loss_cfg.oversample_ratio)
+  imp = float(loss_cfg.importance_sample_ratio)
+
+  def body(carry, xs):
+    index, step_pairs = xs
+    preds, gts, weights = [], [], []
+    for masks, query, gt, weight in step_pairs:
+      if query is not None:
+        masks = jnp.take_along_axis(masks, query[..., None, None], axis=1)  # (B, P, Hm, Wm)
+      gt_maps = gt_masks if gt is None else jnp.take_along_axis(gt_masks, gt[..., None, None], axis=1)
+      preds.append(masks.reshape(-1, *masks.shape[-2:]))
+      gts.append(gt_maps.reshape(-1, *gt_maps.shape[-2:]))
+      weights.append(weight.reshape(-1))
+    uniform = loss_point_uniforms(key, index, sum(p.shape[0] for p in preds), loss_cfg)
+    out, start = [], 0
+    for pred, gt_maps, weight in zip(preds, gts, weights):
+      n = pred.shape[0]
+      points = uncertain_point_coords(pred, None, num_points, over, imp, uniform=uniform[start : start + n])
+      out.append(mask_loss_sums_at_points(pred, gt_maps, points, weight))
+      start += n
+    return carry, out
+
+  xs = (jnp.arange(n_steps.pop(), dtype=jnp.int32), pairs)
+  _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, xs)
+  return out
 
 
 def gt_at_pixel_centers(gt_masks, hm, wm):
@@ -250,7 +316,6 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
   use_masks = bool(lc.mask_losses)
   valid = jnp.asarray(targets['valid'], bool)
   targets = {**targets, 'valid': valid}
-  b, g = valid.shape
   if use_masks and 'masks' not in targets:
     raise ValueError("compute_losses: config.loss.mask_losses is True but targets has no 'masks'")
   if num_masks_override is None:
@@ -289,17 +354,15 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
   if use_masks and (dense_loss or dense_match):
     hm, wm = predictions.final.masks.shape[-2:]
     targets['mask_points'] = gt_at_pixel_centers(targets['masks'], hm, wm)  # (B, G, Hm * Wm)
-  draws = 0 if dense_loss else num_uniform_draws(lc)
+  # Point-sampled mask losses: taken in a loop over the stacked sets (`looped_mask_loss_sums`), their points drawn
+  # there from k_loss; the dense ones (and all class / box terms) vmapped over each set's stack below.
+  looped = use_masks and not dense_loss
+  if looped:
+    rng, k_loss = jax.random.split(rng)
   shapes = {}
   for name, (head, with_masks) in sets.items():
-    if with_masks:
-      lead_b = head.logits.shape[:-2]  # (..., B)
-      if not dense_match:
-        shapes['match_' + name] = (*lead_b, int(mc.num_points), 2)
-      if not dense_loss:
-        shapes['loss_' + name] = (*lead_b, g, draws, 2)
-  if with_dn and use_masks and not dense_loss:
-    shapes['loss_dn'] = (n_dn, b, predictions.dn.logits.shape[-2], draws, 2)
+    if with_masks and not dense_match:
+      shapes['match_' + name] = (*head.logits.shape[:-2], int(mc.num_points), 2)  # (..., B, P, 2)
   uniforms = _draw_uniforms(rng, shapes) if shapes else {}
   if use_masks and dense_loss:
     uniforms.update({'loss_' + name: DENSE for name, (_, with_masks) in sets.items() if with_masks})
@@ -315,6 +378,10 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
     for name, (head, with_masks) in sets.items()
   ]
   matches = dict(zip(sets, matcher.hungarian_match(costs, valid)))
+  mask_sums = {}
+  if looped:
+    assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1]) if with_dn else None
+    mask_sums = _looped_mask_terms(predictions, sets, matches, assignment, n_dn, targets['masks'], k_loss, lc)
 
   terms = {}
 
@@ -336,7 +403,8 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
   def set_sums(name):
     head = sets[name][0]
     fn = lambda h, q, u: matched_loss_sums(h, targets, q, lc, u)
-    return vmapped(fn, len(head.logits.shape[:-3]), head, matches[name], uniforms.get('loss_' + name))
+    sums = vmapped(fn, len(head.logits.shape[:-3]), head, matches[name], uniforms.get('loss_' + name))
+    return {**sums, **mask_sums.get(name, {})}
 
   add('', '', set_sums('final'), num_masks)
 
@@ -345,7 +413,7 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
     groups = jnp.asarray(predictions.dn_info.num_groups, jnp.float32)
     dn_denom = num_masks * jnp.maximum(groups, 1.0)
     fn = lambda h, u: dn_loss_sums(h, targets, assignment, lc, u)
-    sums = vmapped(fn, 1, dn_heads, uniforms.get('loss_dn'))
+    sums = {**vmapped(fn, 1, dn_heads, uniforms.get('loss_dn')), **mask_sums.get('dn', {})}
     sums = {k: jnp.where(groups > 0, v, 0.0) for k, v in sums.items()}  # DN skipped this step: zero terms
     add('', '_dn', sums, dn_denom, -1)
     for i in range(n_dn - 1):
@@ -371,6 +439,50 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
   for name, value in terms.items():
     total = total + weights[_base_name(name)] * value
   return total, terms
+
+
+def _looped_mask_terms(predictions, sets, matches, assignment, n_dn, gt_masks, key, loss_cfg):
+  """The point-sampled loss_mask / loss_dice sums of every mask set: name -> {'loss_mask', 'loss_dice'} shaped
+  like that set's other sums (scalars; (L,) for the stacked 'aux' and 'dn').
+
+  With deep supervision the decoder layers (final + aux) and the DN layers are one loop over the N layers (one
+  `looped_mask_loss_sums` call: the matched queries and the DN slots of layer l at step l); the encoder selection
+  (and without deep supervision final and DN, both one entry) a loop of one step.
+  """
+  deep = 'aux' in sets
+
+  def matched(masks, query_for_gt):  # masks (L, B, Q, ...), query_for_gt (L, B, G)
+    q = jnp.clip(query_for_gt, 0, masks.shape[2] - 1)
+    return MaskPairs(masks, q, None, (query_for_gt >= 0).astype(jnp.float32))
+
+  groups = {}  # leading size L -> [(name, MaskPairs)]: one loop each
+  if deep:
+    layer_q = jnp.concatenate([matches['aux'], matches['final'][None]], axis=0)
+    groups.setdefault(predictions.num_layers, []).append(('layers', matched(predictions.layers.masks, layer_q)))
+  else:
+    groups.setdefault(1, []).append(('layers', matched(predictions.layers.masks[-1:], matches['final'][None])))
+  if assignment is not None:
+    _, _, gt_index, positive = assignment
+    dn_masks = predictions.dn.masks[predictions.dn.masks.shape[0] - n_dn :]
+    lead = (n_dn, *gt_index.shape)
+    pairs = MaskPairs(
+      dn_masks, None, jnp.broadcast_to(gt_index, lead), jnp.broadcast_to(positive.astype(jnp.float32), lead)
+    )
+    groups.setdefault(n_dn, []).append(('dn', pairs))
+  if 'interm' in sets and sets['interm'][1]:
+    groups.setdefault(1, []).append(('interm', matched(predictions.interm.masks[None], matches['interm'][None])))
+  out = {}
+  for i, group in enumerate(groups.values()):
+    sums = looped_mask_loss_sums([p for _, p in group], gt_masks, jax.random.fold_in(key, i), loss_cfg)
+    for (name, _), (bce, dice) in zip(group, sums):
+      out[name] = {'loss_mask': bce, 'loss_dice': dice}
+  layers = out.pop('layers')
+  out['final'] = {k: v[-1] for k, v in layers.items()}
+  if deep:
+    out['aux'] = {k: v[:-1] for k, v in layers.items()}
+  if 'interm' in out:
+    out['interm'] = {k: v[0] for k, v in out['interm'].items()}
+  return out
 
 
 def _base_name(term):
