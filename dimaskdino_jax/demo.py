@@ -15,13 +15,6 @@ import time
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 
 
-def set_num_steps(config, steps):
-  """Sets train.num_steps and moves the lr drops to the same fractions of the new length."""
-  scale = steps / config.train.num_steps
-  config.optim.lr_drop_steps = tuple(int(s * scale) for s in config.optim.lr_drop_steps)
-  config.train.num_steps = steps
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', default='runs/demo')
@@ -35,6 +28,7 @@ def main(argv=None):
   absl_logging.set_verbosity(absl_logging.WARNING)
   import jax
 
+  from dimaskdino_jax.analysis.runner import set_num_steps
   from dimaskdino_jax.config import load_config, validate
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
   from dimaskdino_jax.evaluation.evaluator import evaluate

@@ -1,7 +1,8 @@
-"""The demo's schedule rescaling (the full demo is `make demo`, too slow for the suite)."""
+"""The schedule rescaling that `python -m dimaskdino_jax.demo --steps N` uses (the full demo is `make demo`, too slow
+for the suite)."""
 
+from dimaskdino_jax.analysis.runner import set_num_steps
 from dimaskdino_jax.config import load_config
-from dimaskdino_jax.demo import set_num_steps
 
 
 def test_set_num_steps_moves_lr_drops_proportionally():

@@ -154,8 +154,6 @@ def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
   n_steps = {p.masks.shape[0] for p in pairs}
   if len(n_steps) != 1:
     raise ValueError(f'looped_mask_loss_sums: the MaskPairs must share their leading size, got {sorted(n_steps)}')
-  num_points, over = int(loss_cfg.num_points), float(loss_cfg.oversample_ratio)
-  imp = float(loss_cfg.importance_sample_ratio)
 
   def body(carry, xs):
     index, step_pairs = xs
@@ -171,8 +169,7 @@ def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
     out, start = [], 0
     for pred, gt_maps, weight in zip(preds, gts, weights):
       n = pred.shape[0]
-      points = uncertain_point_coords(pred, None, num_points, over, imp, uniform=uniform[start : start + n])
-      out.append(mask_loss_sums_at_points(pred, gt_maps, points, weight))
+      out.append(mask_loss_sums(pred, gt_maps, weight, uniform[start : start + n], loss_cfg))
       start += n
     return carry, out
 
