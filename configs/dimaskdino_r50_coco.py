@@ -77,7 +77,7 @@ def get_config(arg=None):
     300,
   )  # tokens kept by each selection: (k1, k2) = FIRST_SELECTED_QUERIES, NUM_OBJECT_QUERIES
   di.ti_layers = 2  # TI_LAYERS: token-interaction layers between consecutive selections
-  di.random_position_tokens = False  # Table 3 imbalance test: random position (box) tokens for Q_bal
+  di.random_position_tokens = False  # Table 3: random position (box) tokens for Q_bal (DI off: for the anchors)
 
   ba = m.bato = ml_collections.ConfigDict()
   ba.enabled = True  # Balance-Aware Tokens Optimization

@@ -14,8 +14,10 @@ images: RGB, resized (shortest side data.test_short_edge, longest <= data.test_m
 H x W canvas, the rest filled with the pixel mean; image_hw: the resized size inside the canvas. The host-side
 post-processing (evaluation/postprocess.py: postprocess_batch) turns the outputs into boxes and masks of the
 original image. OUT gets the serialized bytes; OUT.json the canvas, batch size, k, class names, input and output
-specs and the platforms. Reload with `load_exported(OUT)` (or `jax.export.deserialize(bytes).call(...)`): no model
-code is needed, only jax.
+specs and the platforms. `--platforms cuda` (or `cpu cuda` for one file that runs on both) exports for a GPU from any
+machine, a CPU-only one included: the deformable attention is then the implementation picked for the target
+platforms (kernels/ms_deform_attn: `lowering_for`). Reload with `load_exported(OUT)` (or
+`jax.export.deserialize(bytes).call(...)`): no model code is needed, only jax.
 """
 
 import os
@@ -51,7 +53,12 @@ def export_predict(config, variables, canvas_hw, batch_size: int = 1, platforms=
     jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8),
     jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
   )
-  return jax.export.export(jax.jit(fn), platforms=platforms)(*args)
+  from kernels.ms_deform_attn import lowering_for
+
+  # The deformable attention's implementation is chosen for the target platforms, not for this machine: for
+  # ('cuda',) the GPU choice (from a CPU-only machine too), for ('cpu', 'cuda') the XLA formulation both run.
+  with lowering_for(platforms):
+    return jax.export.export(jax.jit(fn), platforms=platforms)(*args)
 
 
 def save_exported(exported: jax.export.Exported, path: str, metadata: dict) -> None:

@@ -22,19 +22,12 @@ def variables():
   return init_variables('evaluator_tiny', lambda: tiny_config('unused'))  # shared with test_inference.py
 
 
-def test_exported_model_matches_live_model(variables, tmp_path):
-  config = tiny_config('unused')
-  exported = export.export_predict(config, variables, (64, 64), batch_size=2)
-  path = str(tmp_path / 'model.bin')
-  export.save_exported(exported, path, {'canvas': [64, 64]})
-  loaded, meta = export.load_exported(path)
-  assert meta['canvas'] == [64, 64] and meta['inputs'][0] == {'shape': [2, 64, 64, 3], 'dtype': 'uint8'}
-  assert [o['name'] for o in meta['outputs']] == list(export.OUTPUT_NAMES)
-
+def assert_matches_live_model(config, variables, exported):
+  """Calls `exported` (batch 2, 64 x 64) on this CPU and compares every output with the live model's; returns them."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
   image_hw = np.asarray([[64, 64], [48, 64]], np.int32)
-  reloaded = jax.jit(loaded.call).lower(images, image_hw).compile(compiler_options=FAST)(images, image_hw)
+  reloaded = jax.jit(exported.call).lower(images, image_hw).compile(compiler_options=FAST)(images, image_hw)
   model, k = build_model(config), int(config.eval.detections_per_image)
   (live,) = evaluator.make_predict_fn(model, k, True, False, tuple(sorted(FAST.items())))(variables, images, image_hw)
   assert len(reloaded) == 5
@@ -45,6 +38,19 @@ def test_exported_model_matches_live_model(variables, tmp_path):
       np.testing.assert_array_equal(got, want, err_msg=name)
     else:
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+  return reloaded
+
+
+def test_exported_model_matches_live_model(variables, tmp_path):
+  config = tiny_config('unused')
+  exported = export.export_predict(config, variables, (64, 64), batch_size=2)
+  path = str(tmp_path / 'model.bin')
+  export.save_exported(exported, path, {'canvas': [64, 64]})
+  loaded, meta = export.load_exported(path)
+  assert meta['canvas'] == [64, 64] and meta['inputs'][0] == {'shape': [2, 64, 64, 3], 'dtype': 'uint8'}
+  assert [o['name'] for o in meta['outputs']] == list(export.OUTPUT_NAMES)
+
+  reloaded = assert_matches_live_model(config, variables, loaded)
   # The two images differ (a real input dependence, not constant outputs).
   assert not np.allclose(reloaded[0][0], reloaded[0][1])
 
@@ -63,3 +69,31 @@ def test_export_cli(variables, tmp_path):
   assert meta['class_names'] == ['class_0', 'class_1', 'class_2']  # no prepared dataset under 'unused'
   with pytest.raises(SystemExit, match='multiple of'):
     export.main(args + ['--workdir', str(workdir), '--out', str(tmp_path / 'm.bin'), '--canvas', '64', '50'])
+
+
+def test_export_for_cpu_and_cuda_from_a_cpu_machine(variables):
+  # One file for both platforms, lowered here without a GPU; its CPU entry gives the live model's outputs. The
+  # deformable attention is the 'xla' formulation there (the one both run), the live model uses 'dense'.
+  config = tiny_config('unused')
+  exported = export.export_predict(config, variables, (64, 64), batch_size=2, platforms=('cpu', 'cuda'))
+  assert exported.platforms == ('cpu', 'cuda')
+  reloaded = jax.export.deserialize(exported.serialize())
+  assert reloaded.platforms == ('cpu', 'cuda')
+  assert_matches_live_model(config, variables, reloaded)
+
+
+def test_export_for_cuda_lowers_the_triton_kernel(variables):
+  # For ('cuda',) alone, impl='pallas' is the Triton kernel itself (not its CPU interpretation); it cannot share a
+  # lowering with the CPU.
+  config = tiny_config('unused')
+  config.model.msda_impl = 'pallas'
+  try:
+    exported = export.export_predict(config, variables, (64, 64), platforms=('cuda',))
+  except Exception as e:  # noqa: BLE001 - as in tests/kernels: a jaxlib that cannot lower for cuda at all
+    if 'cuda' in str(e).lower() and 'platform' in str(e).lower():
+      pytest.skip(f'this jaxlib cannot lower for cuda without a GPU: {e}')
+    raise
+  assert exported.platforms == ('cuda',)
+  assert '__gpu$xla.gpu.triton' in exported.mlir_module()
+  with pytest.raises(ValueError, match='cannot be lowered for'):
+    export.export_predict(config, variables, (64, 64), platforms=('cpu', 'cuda'))

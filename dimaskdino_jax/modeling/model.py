@@ -67,8 +67,8 @@ class Predictor(nn.Module):
       ]
       if m.formulation == 'paper':
         self.di_residual = ResidualCrossAttention(d, dec.num_heads, dec.ffn_dim)
-      if m.di.random_position_tokens:
-        self.random_refpoints = self.param('random_refpoints', nn.initializers.normal(1.0), (ks[-1], 4))
+    if m.di.random_position_tokens:  # Table 3: learned, image-independent position tokens for the decoder queries
+      self.random_refpoints = self.param('random_refpoints', nn.initializers.normal(1.0), (ks[-1], 4))
     if m.bato.enabled:
       self.query_guide_feature_update = BATO(
         d, dec.num_heads, dec.ffn_dim, m.formulation, m.bato.guiding_token_generation
@@ -145,8 +145,8 @@ class Predictor(nn.Module):
       guides['T_s2'] = (tgt, jax.nn.sigmoid(refpoint))
       if m.formulation == 'paper':
         tgt = self.di_residual(tgt, self.oldm[-1].query_pos(jax.nn.sigmoid(refpoint)), memory, pos_flatten[None])
-      if m.di.random_position_tokens:
-        refpoint = jnp.broadcast_to(self.random_refpoints[None], refpoint.shape)
+    if m.di.random_position_tokens:  # Q_bal's position tokens (without DI: the selected anchors') replaced
+      refpoint = jnp.broadcast_to(self.random_refpoints[None], refpoint.shape)
     guides['Q_bal'] = (tgt, jax.nn.sigmoid(refpoint))
     extras['q_bal'] = tgt
 

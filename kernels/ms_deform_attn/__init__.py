@@ -20,8 +20,14 @@ CPU for small maps, see dense.py), 'reference' (straightforward pure JAX, autodi
 oracle), 'pallas' (Pallas/Triton forward kernel, pure-JAX backward; runs with interpret=True off GPU),
 'auto' (on GPU: 'pallas' once it is enabled there by `PALLAS_ON_GPU`, else 'xla'; elsewhere 'dense' when its
 sampling matrix is small (`dense_fits`), else 'xla').
+
+The platform that decides 'auto' and Pallas' interpret mode is the default backend, or, inside
+`lowering_for(platforms)`, the platforms a trace is lowered for (`jax.export` for CUDA from a CPU machine): one GPU
+platform picks as on a GPU (the Triton kernel itself for 'pallas'); CPU and GPU together pick 'xla', which runs on
+both.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -34,6 +40,8 @@ from kernels.per_shard import per_shard
 
 __all__ = [
   'IMPLS',
+  'lowering_for',
+  'target_platforms',
   'ms_deform_attn',
   'ms_deform_attn_dense',
   'ms_deform_attn_reference',
@@ -45,6 +53,36 @@ IMPLS = ('auto', 'xla', 'dense', 'reference', 'pallas')
 # Whether 'auto' picks the Pallas kernel on GPU. Off until the kernel has been run and checked on a GPU: so far
 # it is tested in interpret mode and its Triton lowering is checked without a GPU (tests/kernels).
 PALLAS_ON_GPU = False
+
+_LOWERING_FOR: list[tuple[str, ...]] = []  # the stack of `lowering_for` platforms (innermost last)
+_GPU_PLATFORMS = ('cuda', 'rocm', 'gpu')
+
+
+@contextlib.contextmanager
+def lowering_for(platforms):
+  """Within the block, traces pick their implementation for `platforms` (e.g. ('cuda',) or ('cpu', 'cuda'))
+  instead of the default backend. None = no change."""
+  if platforms is None:
+    yield
+    return
+  platforms = tuple(str(p).lower() for p in platforms)
+  if not platforms:
+    raise ValueError('lowering_for: platforms must be non-empty (or None)')
+  _LOWERING_FOR.append(platforms)
+  try:
+    yield
+  finally:
+    _LOWERING_FOR.pop()
+
+
+def target_platforms() -> tuple[str, ...]:
+  """The platforms traces are lowered for: the innermost `lowering_for`, else the default backend."""
+  return _LOWERING_FOR[-1] if _LOWERING_FOR else (jax.default_backend(),)
+
+
+def _on_gpu_only() -> bool:
+  return all(p in _GPU_PLATFORMS for p in target_platforms())
+
 
 # Jitted with the static level layout, so eager calls compile once per shape (and inline under an outer jit).
 _xla = jax.jit(ms_deform_attn_xla, static_argnums=(1, 2))
@@ -111,9 +149,17 @@ def _check(value, shapes, starts, sampling_locations, attention_weights):
 def _resolve(impl, value, sampling_locations):
   if impl not in IMPLS:
     raise ValueError(f'ms_deform_attn: impl must be one of {IMPLS}, got {impl!r}')
+  targets = target_platforms()
+  if impl == 'pallas' and len(targets) > 1 and any(p in _GPU_PLATFORMS for p in targets):
+    raise ValueError(
+      f"ms_deform_attn: impl='pallas' cannot be lowered for {targets} at once (the Triton kernel runs on a GPU "
+      "only); lower for the GPU platform alone, or use impl='xla' (runs on every platform)"
+    )
   if impl == 'auto':
-    if jax.default_backend() == 'gpu':
+    if _on_gpu_only():
       return 'pallas' if PALLAS_ON_GPU else 'xla'
+    if len(targets) > 1:  # CPU and GPU in one lowering: the formulation that is good on both
+      return 'xla'
     n, s, m, _ = value.shape
     return 'dense' if dense_fits(n, sampling_locations.shape[1], m, s) else 'xla'
   return impl
@@ -137,7 +183,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     if chosen == 'reference':
       return _reference(value, shapes, starts, sampling_locations, attention_weights)
     # 'pallas': the Triton kernel on GPU, the same kernel interpreted as XLA ops elsewhere (slow; tests).
-    interpret = jax.default_backend() != 'gpu'
+    interpret = not _on_gpu_only()
     return _pallas()(value, shapes, starts, sampling_locations, attention_weights, interpret)
 
   return per_shard(run, (0, 0, 0), 0)(value, sampling_locations, attention_weights)

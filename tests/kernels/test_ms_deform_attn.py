@@ -355,6 +355,28 @@ def test_auto_dispatch_and_argument_checks():
     jax.jit(lambda ss: ms_deform_attn(value, ss, None, loc, attn))(jnp.array(SHAPES))
 
 
+def test_auto_dispatch_follows_the_lowering_platforms():
+  # What 'auto' and 'pallas' pick inside `lowering_for` (jax.export for another platform), read from the dispatch
+  # itself: a CUDA-only lowering gets the GPU choice, a CPU + CUDA lowering the formulation both run.
+  from kernels import ms_deform_attn as msda
+
+  value, loc, _ = make_inputs(13)
+  assert msda.target_platforms() == (jax.default_backend(),)
+  with msda.lowering_for(('cuda',)):
+    assert msda.target_platforms() == ('cuda',)
+    assert msda._resolve('auto', value, loc) == ('pallas' if msda.PALLAS_ON_GPU else 'xla')
+    assert msda._on_gpu_only()
+  with msda.lowering_for(('cpu', 'CUDA')):
+    assert msda._resolve('auto', value, loc) == 'xla' and not msda._on_gpu_only()
+    with pytest.raises(ValueError, match='cannot be lowered for'):
+      msda._resolve('pallas', value, loc)
+  with msda.lowering_for(('cpu',)):
+    assert msda._resolve('auto', value, loc) == 'dense'
+  with msda.lowering_for(None):
+    assert msda.target_platforms() == (jax.default_backend(),)
+  assert msda.target_platforms() == (jax.default_backend(),)
+
+
 def test_matches_torch_grid_sample_when_available():
   # Independent second oracle: PyTorch's own grid_sample per level (Deformable DETR's pure-PyTorch core), with
   # its autograd for the three gradients. Both float32: agreement to ~1e-6 relative; 1e-5 allows for order.

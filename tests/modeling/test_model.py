@@ -135,6 +135,9 @@ def test_ablation_switches_change_the_parameter_tree():
   assert any('predictor/oldm_1/' in n for n in triple)
   rnd = tree_names(shapes_of(tiny_config(**{'model.di.random_position_tokens': True})))
   assert 'params/predictor/random_refpoints' in rnd
+  # Without DI (MaskDINO-like, Table 3's baseline) the random tokens replace the selected anchors.
+  no_di_rnd = {'model.di.enabled': False, 'model.di.selection_ks': (12,), 'model.di.random_position_tokens': True}
+  assert 'params/predictor/random_refpoints' in tree_names(shapes_of(tiny_config(**no_di_rnd)))
 
 
 def test_bato_off_leaves_memory_and_mask_features_untouched(base):
@@ -164,6 +167,7 @@ def test_di_off_is_maskdino_single_selection():
     {'model.bato.guiding_token_generation': False},
     {'model.di.selection_ks': (24, 18, 12)},
     {'model.di.random_position_tokens': True, 'model.decoder.box_init': 'bitmask'},
+    {'model.di.random_position_tokens': True, 'model.di.enabled': False, 'model.di.selection_ks': (12,)},
   ],
 )
 def test_variants_run(overrides):
