@@ -16,8 +16,9 @@ post-processing (evaluation/postprocess.py: postprocess_batch) turns the outputs
 original image. OUT gets the serialized bytes; OUT.json the canvas, batch size, k, class names, input and output
 specs and the platforms. `--platforms cuda` (or `cpu cuda` for one file that runs on both) exports for a GPU from any
 machine, a CPU-only one included: the deformable attention is then the implementation picked for the target
-platforms (kernels/ms_deform_attn: `lowering_for`). Reload with `load_exported(OUT)` (or
-`jax.export.deserialize(bytes).call(...)`): no model code is needed, only jax.
+platforms (kernels/ms_deform_attn: `lowering_for`); with `--config.model.msda_impl=pallas` the file holds the Triton
+kernel, which jax.export does not promise to load with another jaxlib version (OUT.json: `triton_kernel`). Reload
+with `load_exported(OUT)` (or `jax.export.deserialize(bytes).call(...)`): no model code is needed, only jax.
 """
 
 import os
@@ -30,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 OUTPUT_NAMES = ('scores', 'labels', 'queries', 'boxes', 'mask_logits')
+TRITON_CALL = '__gpu$xla.gpu.triton'  # the custom-call target of a Pallas kernel lowered for a GPU
 
 
 def export_predict(config, variables, canvas_hw, batch_size: int = 1, platforms=None) -> jax.export.Exported:
@@ -57,8 +59,21 @@ def export_predict(config, variables, canvas_hw, batch_size: int = 1, platforms=
 
   # The deformable attention's implementation is chosen for the target platforms, not for this machine: for
   # ('cuda',) the GPU choice (from a CPU-only machine too), for ('cpu', 'cuda') the XLA formulation both run.
-  with lowering_for(platforms):
-    return jax.export.export(jax.jit(fn), platforms=platforms)(*args)
+  # The Pallas kernel lowers to a Triton custom call, which jax.export refuses by default (no compatibility
+  # guarantee across jaxlib versions): allowed here, and `triton_kernel` in the metadata says the file needs the
+  # jaxlib that wrote it.
+  allow_triton = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+  # JAX reuses traced sub-functions (scan / remat bodies) by their inputs only, not by `lowering_for`: clear the
+  # caches around an export for other platforms, so it does not reuse a trace made for this machine, nor leaves
+  # one behind for the live model (a Triton kernel in a CPU computation).
+  if platforms is not None:
+    jax.clear_caches()
+  try:
+    with lowering_for(platforms):
+      return jax.export.export(jax.jit(fn), platforms=platforms, disabled_checks=allow_triton)(*args)
+  finally:
+    if platforms is not None:
+      jax.clear_caches()
 
 
 def save_exported(exported: jax.export.Exported, path: str, metadata: dict) -> None:
@@ -75,6 +90,8 @@ def save_exported(exported: jax.export.Exported, path: str, metadata: dict) -> N
     {'name': n, 'shape': list(a.shape), 'dtype': str(a.dtype)} for n, a in zip(names, exported.out_avals)
   ]
   meta['platforms'] = list(exported.platforms)
+  meta['jax_version'] = jax.__version__
+  meta['triton_kernel'] = TRITON_CALL in exported.mlir_module()  # True: load with the same jaxlib version only
   with open(path + '.json', 'w') as f:
     json.dump(meta, f, indent=2)
 

@@ -94,6 +94,12 @@ def test_export_for_cuda_lowers_the_triton_kernel(variables):
       pytest.skip(f'this jaxlib cannot lower for cuda without a GPU: {e}')
     raise
   assert exported.platforms == ('cuda',)
-  assert '__gpu$xla.gpu.triton' in exported.mlir_module()
+  assert export.TRITON_CALL in exported.mlir_module()
+  assert jax.export.deserialize(exported.serialize()).platforms == ('cuda',)
   with pytest.raises(ValueError, match='cannot be lowered for'):
     export.export_predict(config, variables, (64, 64), platforms=('cpu', 'cuda'))
+  # No trace made for CUDA is reused on this CPU: the live model runs its own (interpreted) kernel here.
+  images, image_hw = np.zeros((1, 64, 64, 3), np.uint8), np.asarray([[64, 64]], np.int32)
+  predict = evaluator.make_predict_fn(build_model(config), 5, True, False, tuple(sorted(FAST.items())))
+  (live,) = predict(variables, images, image_hw)
+  assert np.isfinite(np.asarray(live.scores)).all()
