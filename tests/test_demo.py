@@ -1,6 +1,8 @@
 """The schedule rescaling that `python -m dimaskdino_jax.demo --steps N` uses (the full demo is `make demo`, too slow
 for the suite)."""
 
+import os
+
 from dimaskdino_jax.analysis.runner import set_num_steps
 from dimaskdino_jax.config import load_config
 
@@ -11,3 +13,16 @@ def test_set_num_steps_moves_lr_drops_proportionally():
   set_num_steps(c, 2 * n)
   assert c.train.num_steps == 2 * n
   assert tuple(c.optim.lr_drop_steps) == tuple(2 * d for d in drops)
+
+
+def test_split_cpu_adds_a_device_count_unless_one_is_set(monkeypatch):
+  from dimaskdino_jax.demo import split_cpu
+
+  monkeypatch.setenv('XLA_FLAGS', '--a=1')
+  split_cpu(2)
+  assert os.environ['XLA_FLAGS'] == '--a=1 --xla_force_host_platform_device_count=2'
+  split_cpu(4)  # a count already there wins
+  assert os.environ['XLA_FLAGS'] == '--a=1 --xla_force_host_platform_device_count=2'
+  monkeypatch.setenv('XLA_FLAGS', '--a=1')
+  split_cpu(1)
+  assert os.environ['XLA_FLAGS'] == '--a=1'

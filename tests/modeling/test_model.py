@@ -181,6 +181,19 @@ def test_variants_run(overrides):
     assert len(out.di_aux_more) == 1 and out.di_aux_more[0].logits.shape == (2, 2, 18, 3)
 
 
+def test_random_position_tokens_without_di_set_the_decoder_anchors():
+  # DI off (MaskDINO-like): the learned random tokens replace the selected anchors, so changing them changes the
+  # decoder's boxes (a created-but-unused parameter would leave them equal).
+  c = tiny_config(
+    **{'model.di.enabled': False, 'model.di.selection_ks': (12,), 'model.di.random_position_tokens': True}
+  )
+  model, variables = init(c)
+  shifted = jax.tree.map(lambda x: x, variables)
+  shifted['params']['predictor']['random_refpoints'] = variables['params']['predictor']['random_refpoints'] + 1.0
+  a, b = (run(model, v, images()).layers.boxes for v in (variables, shifted))
+  assert not np.allclose(np.asarray(a), np.asarray(b), atol=1e-3)
+
+
 def test_r50_parameter_counts():
   """52,286,232 unique parameters counted from the official state_dict (reference section 12): exact."""
   di = shapes_of(load_config('configs/dimaskdino_r50_coco.py'), 256)['params']
