@@ -17,7 +17,8 @@ pixel x = loc_x * W - 0.5, y = loc_y * H - 0.5, four neighbours, a neighbour out
 
 impl: 'xla' (fast pure JAX, hand-written VJP), 'dense' (dense sampling matrices and matrix products: fastest on
 CPU for small maps, see dense.py), 'reference' (straightforward pure JAX, autodiff; the test
-oracle), 'pallas' (Pallas/Triton forward kernel, pure-JAX backward; runs with interpret=True off GPU),
+oracle), 'pallas' (Pallas/Triton kernels for the forward and the backward, the value gradient by atomic adds on
+GPU and by the pure-JAX scatter-add elsewhere; runs with interpret=True off GPU),
 'auto' (on GPU: 'pallas' once it is enabled there by `PALLAS_ON_GPU`, else 'xla'; elsewhere 'dense' when its
 sampling matrix is small (`dense_fits`), else 'xla').
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from kernels.ms_deform_attn.dense import dense_fits, ms_deform_attn_dense
 from kernels.ms_deform_attn.reference import ms_deform_attn_reference
-from kernels.ms_deform_attn.xla import ms_deform_attn_xla
+from kernels.ms_deform_attn.xla import CHUNK_BYTES, ms_deform_attn_xla
 from kernels.per_shard import per_shard
 
 __all__ = [
@@ -85,7 +86,7 @@ def _on_gpu_only() -> bool:
 
 
 # Jitted with the static level layout, so eager calls compile once per shape (and inline under an outer jit).
-_xla = jax.jit(ms_deform_attn_xla, static_argnums=(1, 2))
+_xla = jax.jit(ms_deform_attn_xla, static_argnums=(1, 2, 5))
 _reference = jax.jit(ms_deform_attn_reference, static_argnums=(1, 2))
 _dense = jax.jit(ms_deform_attn_dense, static_argnums=(1, 2))
 
@@ -177,7 +178,9 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
   def run(value, sampling_locations, attention_weights):
     chosen = _resolve(impl, value, sampling_locations)
     if chosen == 'xla':
-      return _xla(value, shapes, starts, sampling_locations, attention_weights)
+      # The value gradient: one scatter on a GPU, chunked on CPUs (xla.value_grad).
+      chunk = None if _on_gpu_only() else CHUNK_BYTES
+      return _xla(value, shapes, starts, sampling_locations, attention_weights, chunk)
     if chosen == 'dense':
       return _dense(value, shapes, starts, sampling_locations, attention_weights)
     if chosen == 'reference':

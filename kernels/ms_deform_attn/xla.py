@@ -12,8 +12,9 @@ section 7). Formulation, chosen by measurement on XLA:CPU (benchmarks/msda.py, s
   heads (a plain reshape gets folded into the gather loop by XLA:CPU and costs ~3x). Compared with one gather
   per (level, corner), this compiles 3-7x faster and runs at least as fast;
 * the backward recomputes indices and weights, gets the location and attention gradients from per-corner dot
-  products <value row, output cotangent>, and the value gradient from a single scatter-add whose updates are
-  `weight * cotangent` for all corners at once.
+  products <value row, output cotangent>, and the value gradient from scatter-adds of `weight * cotangent` for
+  all corners at once: on CPUs over chunks of queries, two disjoint groups per chunk (`value_grad`: 2.7x faster
+  than one scatter of every update at the encoder size); on GPUs in one scatter.
 
 Accumulation is float32 whatever the input dtype; outputs and gradients come back in the inputs' dtypes.
 """
@@ -90,10 +91,79 @@ def _forward(value, loc, attn, spatial_shapes, level_start_index):
   return out
 
 
-def _backward(value, loc, attn, spatial_shapes, level_start_index, gout):
-  """gout (N, Lq, M, D) float32. Returns (grad_value, grad_loc, grad_attn) in float32."""
+# Bytes of scatter updates per chunk and group of the chunked value gradient (`value_grad`). Measured on the 2-core
+# CPU at the encoder size (benchmarks/msda.py, BENCHMARKS.md): one scatter of all 1.4 GB of updates 546 ms; chunks of
+# this size in two groups about 200 ms (the updates stay in cache, and the two groups' scatters run at once).
+CHUNK_BYTES = 8 << 20
+# Up to this many chunks' worth of updates, one scatter is as fast on that CPU (at the decoder size, 26 MB of
+# updates, the two agree within the noise).
+SINGLE_SCATTER_CHUNKS = 8
+
+
+def _updates(loc, attn, gout, spatial_shapes, level_start_index, shape):
+  """Scatter indices and updates of the value gradient: `attn * corner weight * cotangent` for each corner.
+
+  loc (N, Q, M, L, P, 2), attn (N, Q, M, L, P), gout (N, Q, M, D), all float32; shape = the value's (N, S, M, D).
+  Returns idx (N, Q, M, 4, L * P) int32 rows of the (N * S * M, D) view and upd (N, Q, M, 4, L * P, D) float32.
+  """
+  n, s, m, _ = shape
+  q = loc.shape[1]
+  corners = _corners(loc, spatial_shapes, level_start_index, m)
+  base = _row_base(n, s, m)
+  idx = jnp.concatenate([(base + off).reshape(n, q, m, 1, -1) for off, *_ in corners], axis=3)
+  coef = jnp.concatenate([(attn * wx * wy).reshape(n, q, m, 1, -1) for _, wx, wy, _, _ in corners], axis=3)
+  return idx, coef[..., None] * gout[:, :, :, None, None, :]
+
+
+def value_grad(shape, loc, attn, gout, spatial_shapes, level_start_index, chunk_bytes=CHUNK_BYTES):
+  """The value gradient (N, S, M, D) float32 of value shape `shape`; loc, attn, gout as in `_updates`.
+
+  chunk_bytes=None (GPUs), or at most SINGLE_SCATTER_CHUNKS chunks of updates: one scatter-add of all updates.
+  Otherwise (CPUs) the queries are processed in chunks by a `lax.scan` whose updates take about chunk_bytes each,
+  so they never exist all at once (1.4 GB at the encoder size: writing and reading that much memory, page faults
+  included, cost more than the scatter), and each chunk is split in two groups that write disjoint rows (the
+  heads' halves, else the batch's): two independent scatters, which XLA:CPU runs concurrently. Padding queries (to
+  a whole number of chunks) have weight 0.
+  """
+  n, s, m, d = shape
+  loc = loc.astype(jnp.float32)
+  attn = attn.astype(jnp.float32)
+  gout = gout.astype(jnp.float32)
+  q, nl, npt = loc.shape[1], loc.shape[3], loc.shape[4]
+  if chunk_bytes is None or n * q * m * 4 * nl * npt * d * 4 <= SINGLE_SCATTER_CHUNKS * chunk_bytes:
+    idx, upd = _updates(loc, attn, gout, spatial_shapes, level_start_index, shape)
+    return jnp.zeros((n * s * m, d), jnp.float32).at[idx].add(upd, mode='promise_in_bounds').reshape(shape)
+  if m % 2 == 0:
+    axis, sub = 2, (n, s, m // 2, d)  # two groups of heads
+  elif n % 2 == 0:
+    axis, sub = 0, (n // 2, s, m, d)  # two halves of the batch
+  else:
+    axis, sub = None, shape
+  groups = [slice(None)] if axis is None else [slice(0, shape[axis] // 2), slice(shape[axis] // 2, None)]
+  per_query = sub[0] * sub[2] * 4 * nl * npt * d * 4  # update bytes of one query in one group
+  cq = max(1, min(q, int(chunk_bytes) // per_query))
+  chunks = -(-q // cq)
+
+  def chunked(x):  # (N, Q, ...) -> (chunks, N, cq, ...), zero padded
+    x = jnp.pad(x, [(0, 0), (0, chunks * cq - q)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(n, chunks, cq, *x.shape[2:]).swapaxes(0, 1)
+
+  def body(accs, xs):
+    out = []
+    for acc, g in zip(accs, groups):
+      part = [x[(slice(None),) * axis + (g,)] if axis is not None else x for x in xs]
+      idx, upd = _updates(*part, spatial_shapes, level_start_index, sub)
+      out.append(acc.at[idx].add(upd, mode='promise_in_bounds'))
+    return tuple(out), None
+
+  zeros = tuple(jnp.zeros((sub[0] * s * sub[2], d), jnp.float32) for _ in groups)
+  accs, _ = jax.lax.scan(body, zeros, (chunked(loc), chunked(attn), chunked(gout)))
+  return jnp.concatenate([a.reshape(sub) for a in accs], axis=axis or 0)
+
+
+def _backward(value, loc, attn, spatial_shapes, level_start_index, gout, chunk_bytes=CHUNK_BYTES):
+  """gout (N, Lq, M, D) float32. Returns (grad_value, grad_loc, grad_attn) in float32; chunk_bytes: `value_grad`."""
   n, s, m, d = value.shape
-  lq = loc.shape[1]
   rows = value.reshape(n * s * m, d)
   base = _row_base(n, s, m)
   loc = loc.astype(jnp.float32)
@@ -101,58 +171,55 @@ def _backward(value, loc, attn, spatial_shapes, level_start_index, gout):
   hs, ws, _ = _level_consts(spatial_shapes, level_start_index, m)
   g6 = gout[:, :, :, None, None, :]  # (N, Lq, M, 1, 1, D)
   ga = gx = gy = 0.0
-  idxs = []
-  coefs = []
-  for off, wx, wy, dwx, dwy in _corners(loc, spatial_shapes, level_start_index, m):
-    idx = base + off  # (N, Lq, M, L, P)
-    v = rows.at[idx].get(mode='promise_in_bounds').astype(jnp.float32)  # (N, Lq, M, L, P, D)
+  corners = _corners(loc, spatial_shapes, level_start_index, m)
+  for off, wx, wy, dwx, dwy in corners:
+    v = rows.at[base + off].get(mode='promise_in_bounds').astype(jnp.float32)  # (N, Lq, M, L, P, D)
     gv = jnp.sum(v * g6, axis=-1)  # (N, Lq, M, L, P): <value row, cotangent>
     wc = wx * wy
     ga = ga + wc * gv
     gx = gx + dwx * wy * gv
     gy = gy + wx * dwy * gv
-    idxs.append(idx.reshape(n, lq, m, 1, -1))
-    coefs.append((attn * wc).reshape(n, lq, m, 1, -1))
-  idx = jnp.concatenate(idxs, axis=3)  # (N, Lq, M, 4, L * P)
-  upd = jnp.concatenate(coefs, axis=3)[..., None] * gout[:, :, :, None, None, :]  # (N, Lq, M, 4, L * P, D)
-  grad_rows = jnp.zeros((n * s * m, d), jnp.float32).at[idx].add(upd, mode='promise_in_bounds')
-  grad_value = grad_rows.reshape(n, s, m, d)
+  grad_value = value_grad(value.shape, loc, attn, gout, spatial_shapes, level_start_index, chunk_bytes)
   grad_loc = jnp.stack([gx * attn * ws.astype(np.float32), gy * attn * hs.astype(np.float32)], axis=-1)
   return grad_value, grad_loc, ga
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _msda(value, loc, attn, spatial_shapes, level_start_index):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _msda(value, loc, attn, spatial_shapes, level_start_index, chunk_bytes):
   return _forward(value, loc, attn, spatial_shapes, level_start_index).astype(value.dtype)
 
 
-def _msda_fwd(value, loc, attn, spatial_shapes, level_start_index):
+def _msda_fwd(value, loc, attn, spatial_shapes, level_start_index, chunk_bytes):
   out = _forward(value, loc, attn, spatial_shapes, level_start_index).astype(value.dtype)
   return out, (value, loc, attn)
 
 
-def _msda_bwd(spatial_shapes, level_start_index, res, gout):
+def _msda_bwd(spatial_shapes, level_start_index, chunk_bytes, res, gout):
   # The barrier keeps XLA from merging the backward's corner gathers with the forward's (CSE): merged, the four
   # (N, Lq, M, L, P, D) gathers of every layer stay alive from the forward to the backward pass (measured on the R50
   # step at 1024 x 1024: 1.36 GiB per encoder layer, 8.2 GiB of the 20.6 GiB peak; BENCHMARKS.md).
   value, loc, attn = jax.lax.optimization_barrier(res)
-  gv, gl, ga = _backward(value, loc, attn, spatial_shapes, level_start_index, gout.astype(jnp.float32))
+  gv, gl, ga = _backward(value, loc, attn, spatial_shapes, level_start_index, gout.astype(jnp.float32), chunk_bytes)
   return gv.astype(value.dtype), gl.astype(loc.dtype), ga.astype(attn.dtype)
 
 
 _msda.defvjp(_msda_fwd, _msda_bwd)
 
 
-def ms_deform_attn_xla(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def ms_deform_attn_xla(
+  value, spatial_shapes, level_start_index, sampling_locations, attention_weights, chunk_bytes=CHUNK_BYTES
+):
   """Fast op. value (N, S, M, D); locations (N, Lq, M, L, P, 2); weights (N, Lq, M, L, P) -> (N, Lq, M * D).
 
-  `spatial_shapes` and `level_start_index` are tuples of python ints.
+  `spatial_shapes` and `level_start_index` are tuples of python ints; `chunk_bytes`: how the backward computes the
+  value gradient (`value_grad`: chunked for CPUs, None for one scatter on GPUs).
   """
   value = jnp.asarray(value)
   sampling_locations = jnp.asarray(sampling_locations)
   attention_weights = jnp.asarray(attention_weights)
   m = value.shape[2]
-  out = _msda(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)  # (N, Lq, M, D)
+  out = _msda(value, sampling_locations, attention_weights, spatial_shapes, level_start_index, chunk_bytes)
+  # out: (N, Lq, M, D)
   # Heads concatenated in order = out.reshape(N, Lq, M * D). Written as a concatenation of per-head slices
   # because XLA:CPU folds a plain reshape (a bitcast) into the gather-reduce loop, which then runs ~3x slower
   # (measured: benchmarks/msda.py; shared/reference/jax_stack.md); the concatenation keeps that loop 4-D.

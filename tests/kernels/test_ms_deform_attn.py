@@ -410,6 +410,87 @@ def test_pallas_triton_lowering_without_gpu():
     if 'cuda' in str(e).lower() and 'platform' in str(e).lower():
       pytest.skip(f'this jaxlib cannot lower for cuda without a GPU: {e}')
     raise
-  assert '__gpu$xla.gpu.triton' in lowered.as_text()
+  assert lowered.as_text().count('__gpu$xla.gpu.triton') == 1
+  # The gradient: the forward kernel and the backward kernel (with its atomic value gradient), nothing else.
   loss = lambda v, lc, a: jnp.sum(ms_deform_attn_pallas(v, SHAPES, starts, lc, a, False) ** 2)
-  jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(value, loc, attn).lower(lowering_platforms=('cuda',))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(value, loc, attn).lower(lowering_platforms=('cuda',))
+  text = text.as_text()
+  assert text.count('__gpu$xla.gpu.triton') == 2
+  assert 'scatter' not in text  # the value gradient is the kernel's atomics, not the pure-JAX scatter-add
+
+
+def _distinct_rows_inputs(seed, n=2, m=2, d=5, shapes=((8, 8), (10, 9))):
+  """One block of 16 queries, one point per level, whose 4 bilinear corners never share a row within a corner:
+  query q samples near pixel (2 * (q % 4), 2 * (q // 4)) (permuted per level) with random fractions in (0, 1),
+  one query a little outside the top-left corner. Pallas' interpret mode applies atomic adds exactly then."""
+  rng = np.random.default_rng(seed)
+  lq = 16
+  loc = np.zeros((n, lq, m, len(shapes), 1, 2))
+  for lvl, (h, w) in enumerate(shapes):
+    for b in range(n):
+      for hd in range(m):
+        cell = rng.permutation(lq)
+        px = 2 * (cell % 4) + rng.uniform(0.05, 0.95, lq)  # pixel coordinates, x = loc_x * W - 0.5
+        py = 2 * (cell // 4) + rng.uniform(0.05, 0.95, lq)
+        px[cell == 0] -= 1.0  # x0 = y0 = -1: two of the four corners are outside the map
+        py[cell == 0] -= 1.0
+        loc[b, :, hd, lvl, 0, 0] = (px + 0.5) / w
+        loc[b, :, hd, lvl, 0, 1] = (py + 0.5) / h
+  s = sum(h * w for h, w in shapes)
+  value = rng.normal(size=(n, s, m, d))
+  attn = rng.uniform(0.2, 1.0, size=(n, lq, m, len(shapes), 1))
+  cot = rng.normal(size=(n, lq, m * d))
+  return [x.astype(np.float32) for x in (value, loc, attn, cot)], shapes
+
+
+def test_pallas_atomic_value_gradient_in_interpret_mode():
+  # The GPU backward's atomic value gradient, run by the interpreter on inputs where it is exact (distinct corner
+  # rows within each block; with shared rows interpret mode keeps one update per row, shared/reference/jax_stack.md).
+  # All three gradients against the float64 oracle, and the same value gradient as the pure-JAX scatter-add path.
+  from kernels.ms_deform_attn.pallas import ms_deform_attn_pallas
+
+  (value, loc, attn, cot), shapes = _distinct_rows_inputs(40)
+  starts = (0, 64)
+
+  def grads(atomic):
+    f = lambda v, lc, a: ms_deform_attn_pallas(v, shapes, starts, lc, a, True, atomic_value_grad=atomic)
+    return jax.jit(lambda v, lc, a: jax.vjp(f, v, lc, a)[1](cot))(value, loc, attn)
+
+  atomic, scatter = grads(True), grads(False)
+  expected = np_backward(value, shapes, loc, attn, cot)
+  assert np.abs(expected[0]).max() > 0.5  # the value gradient is not trivially zero
+  for name, g, e in zip(('value', 'loc', 'attn'), atomic, expected):
+    _assert_close(g, e, 1e-5, f'grad_{name} (atomic)')
+  np.testing.assert_allclose(atomic[0], scatter[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'n,m,queries_per_chunk',
+  [
+    (2, 4, 1),  # heads split in two groups, one query per chunk
+    (2, 3, 4),  # odd heads: the batch split in two; 41 queries in chunks of 4 (3 padding queries)
+    (1, 3, 2),  # neither splits: one group; chunks of 2 (1 padding query)
+    (2, 4, None),  # one scatter of all updates (the GPU choice)
+  ],
+)
+def test_xla_chunked_value_gradient(n, m, queries_per_chunk):
+  # The CPU value gradient runs the queries in chunks (a scan) and in two groups that write disjoint rows
+  # (xla.value_grad); the small cases above fit one chunk, so the chunking is forced here through chunk_bytes.
+  from kernels.ms_deform_attn import xla
+
+  d, p, lq = 3, 2, 41  # more than xla.SINGLE_SCATTER_CHUNKS chunks in every case
+  value, loc, attn = make_inputs(50 + n * m, n=n, lq=lq, m=m, d=d, p=p)
+  cot = np.random.default_rng(51).normal(size=(n, lq, m * d)).astype(np.float32)
+  if queries_per_chunk is None:
+    chunk_bytes = None
+  else:  # the update bytes of one query in one group (the split halves the heads, else the batch, else nothing)
+    group = (n * m // 2) if (m % 2 == 0 or n % 2 == 0) else n * m
+    chunk_bytes = queries_per_chunk * group * 4 * len(SHAPES) * p * d * 4
+  f = jax.jit(lambda v, lc, a: xla.ms_deform_attn_xla(v, SHAPES, (0, 35, 47), lc, a, chunk_bytes))
+  grads = jax.vjp(f, value, loc, attn)[1](jnp.asarray(cot))
+  expected = np_backward(value, SHAPES, loc, attn, cot)
+  for name, g, e in zip(('value', 'loc', 'attn'), grads, expected):
+    _assert_close(g, e, 1e-5, f'grad_{name}')
+  if queries_per_chunk is not None:  # the scan really runs several chunks
+    text = jax.jit(jax.grad(lambda v: jnp.sum(f(v, loc, attn)))).lower(value).as_text()
+    assert 'while' in text or 'scan' in text
