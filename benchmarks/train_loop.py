@@ -1,0 +1,115 @@
+"""Steps per second of the trainer's own loop on a CPU presented as 1, 2, ... XLA host devices.
+
+  python benchmarks/train_loop.py --config configs/shapes.py --steps 400 --devices 1,2 [--json FILE]
+
+For each device count a fresh process (the device count is fixed when jax starts) sets
+`XLA_FLAGS=--xla_force_host_platform_device_count=N`, trains the config for --steps steps with
+`dimaskdino_jax.training.trainer.train` in a temporary work directory (the real input pipeline, host matching,
+data-parallel step, logging and checkpointing; the dataset is generated first if missing, like the demo) and reports
+the mean of the logged `steps_per_sec` over the log intervals after the first (which includes compilation) and
+before the last (which includes the final checkpoint), and the wall-clock seconds of the whole run. The counts run
+one after the other, so compare them within one invocation: the machine's speed drifts by the hour.
+Writes {"<devices>": {"steps_per_sec": .., "train_s": .., "intervals": ..}} to --json.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-reduce'
+
+
+def worker(config_path: str, steps: int, overrides: list[str]) -> dict:
+  """Runs in the child process: trains and returns the figures."""
+  sys.path.insert(0, ROOT)
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  import jax
+
+  from dimaskdino_jax.analysis.runner import set_num_steps
+  from dimaskdino_jax.config import apply_override, load_config, validate
+  from dimaskdino_jax.data.prepare import ensure_shapes_dataset
+  from dimaskdino_jax.training.trainer import train
+
+  config = load_config(config_path)
+  for item in overrides:
+    key, eq, raw = item.partition('=')
+    if not eq:
+      raise SystemExit(f'train_loop: --override {item!r} is not key=value')
+    apply_override(config, key, raw, source='--override')
+  set_num_steps(config, steps)
+  config.train.log_every = min(int(config.train.log_every), max(1, steps // 8))
+  validate(config, source=config_path)
+  ensure_shapes_dataset(config)
+  workdir = tempfile.mkdtemp(prefix='train_loop_')
+  try:
+    t0 = time.time()
+    train(config, workdir, verbose=False)
+    train_s = time.time() - t0
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rates = [json.loads(line)['steps_per_sec'] for line in f if '"steps_per_sec"' in line]
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  if len(rates) < 3:
+    raise SystemExit(f'train_loop: only {len(rates)} logged intervals; raise --steps (at least 3 are needed)')
+  inner = rates[1:-1]
+  return {
+    'devices': jax.device_count(),
+    'steps_per_sec': sum(inner) / len(inner),
+    'train_s': train_s,
+    'intervals': len(inner),
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', default='configs/shapes.py')
+  parser.add_argument('--steps', type=int, default=400)
+  parser.add_argument('--devices', default='1,2', help='comma-separated XLA host device counts')
+  parser.add_argument('--json', default=None, help='where to write the figures')
+  parser.add_argument('--override', action='append', default=[], help='config override key=value (repeatable)')
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    print('RESULT ' + json.dumps(worker(args.config, args.steps, args.override)), flush=True)
+    return None
+  try:
+    counts = [int(x) for x in args.devices.split(',') if x]
+  except ValueError:
+    parser.error(f'--devices: expected comma-separated integers, got {args.devices!r}')
+  if not counts or min(counts) < 1:
+    parser.error(f'--devices: device counts must be >= 1, got {args.devices!r}')
+  results = {}
+  for n in counts:
+    env = dict(os.environ, XLA_FLAGS=f'{BASE_FLAGS} --xla_force_host_platform_device_count={n}')
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', '--config', args.config, '--steps', str(args.steps)]
+    cmd += [f'--override={o}' for o in args.override]
+    proc = subprocess.run(cmd, env=env, cwd=os.getcwd(), capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
+    if proc.returncode != 0 or not lines:
+      sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+      raise SystemExit(f'train_loop: the run with {n} device(s) failed (exit {proc.returncode})')
+    r = json.loads(lines[-1][len('RESULT ') :])
+    results[str(n)] = r
+    print(f'{n} device(s): {r["steps_per_sec"]:.2f} steps/s ({r["intervals"]} intervals), run {r["train_s"]:.0f} s')
+  print()
+  print(f'| devices | steps/s | train s |  ({args.config}, {args.steps} steps, {os.cpu_count()} CPUs)')
+  print('|---|---|---|')
+  for n, r in results.items():
+    print(f'| {n} | {r["steps_per_sec"]:.2f} | {r["train_s"]:.0f} |')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=2)
+    print(f'wrote {args.json}')
+  return results
+
+
+if __name__ == '__main__':
+  main()
