@@ -9,8 +9,8 @@ The default grid (`default_grid`, sizes derived from the base config: k1, k2, L 
   full                    the config (DI-MaskDINO)                                    every table's reference
   no_di_no_bato           DI and BATO off, one selection of k2 (MaskDINO-like)        Table 4
   di_only / bato_only     one of the two modules                                      Table 4
-  no_gtg                  BATO without guiding-token generation                       Table 5
-  guidance_<g>            BATO guided by T_i, T_s1, T_s2 or Q_bal (default: decoder0)  Table 6
+  guidance_<g>            BATO guided by T_i, T_s1, T_s2 or Q_bal (default: decoder0)  Table 5
+  no_gtg                  BATO without guiding-token generation                       Table 6
   selections_3            three selections (k1, (k1 + k2) / 2, k2)                    Table 7
   k1_half / k2_half       half the first / the last selection                         Table 8
   decoder_<n>             L - 1 and L + 3 decoder layers                              Table 9
@@ -42,9 +42,9 @@ def default_grid(config) -> list[tuple[str, str, dict]]:
     ('no_di_no_bato', '4', {**single, 'model.bato.enabled': False}),
     ('di_only', '4', {'model.bato.enabled': False}),
     ('bato_only', '4', dict(single)),
-    ('no_gtg', '5', {'model.bato.guiding_token_generation': False}),
+    ('no_gtg', '6', {'model.bato.guiding_token_generation': False}),
   ]
-  grid += [(f'guidance_{x}', '6', {'model.bato.guidance': x}) for x in ('T_i', 'T_s1', 'T_s2', 'Q_bal')]
+  grid += [(f'guidance_{x}', '5', {'model.bato.guidance': x}) for x in ('T_i', 'T_s1', 'T_s2', 'Q_bal')]
   grid.append(('selections_3', '7', {'model.di.selection_ks': (k1, (k1 + k2) // 2, k2)}))
   grid.append(('k1_half', '8', {'model.di.selection_ks': (max(k2, k1 // 2), *ks[1:])}))
   half = max(1, k2 // 2)

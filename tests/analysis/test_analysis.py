@@ -105,6 +105,9 @@ def test_default_ablation_grid_is_valid_and_distinct():
   assert {f'guidance_{g}' for g in ('T_i', 'T_s1', 'T_s2', 'Q_bal')} <= set(names)
   assert {'decoder_2', 'decoder_6'} <= set(names)
   assert {t for _, t, _ in grid} == {'all', '4', '5', '6', '7', '8', '9'}
+  # The paper's numbering: Table 5 = the guidance of BATO (DI diagnostics), Table 6 = GTG (BATO diagnostics).
+  tables = {n: t for n, t, _ in grid}
+  assert tables['guidance_Q_bal'] == '5' and tables['no_gtg'] == '6'
   seen = set()
   for name, _, overrides in grid:
     c = runner.setting_config(config, overrides, steps=2, name=name)  # validates
