@@ -377,6 +377,33 @@ def test_auto_dispatch_follows_the_lowering_platforms():
   assert msda.target_platforms() == (jax.default_backend(),)
 
 
+def test_value_gradient_is_chunked_for_cpus_and_one_scatter_for_gpus():
+  # At the encoder size (1.4 GB of value-gradient updates) the CPU lowering runs the chunked scan
+  # (xla.value_grad), a CUDA-only lowering one scatter. Lowered from abstract shapes: nothing is computed.
+  from kernels import ms_deform_attn as msda
+
+  shapes = ((128, 128), (64, 64), (32, 32), (16, 16))
+  s = sum(h * w for h, w in shapes)
+  args = [
+    jax.ShapeDtypeStruct((1, s, 8, 32), jnp.float32),
+    jax.ShapeDtypeStruct((1, s, 8, 4, 4, 2), jnp.float32),
+    jax.ShapeDtypeStruct((1, s, 8, 4, 4), jnp.float32),
+  ]
+  grad = jax.grad(lambda v, lc, a: jnp.sum(msda.ms_deform_attn(v, shapes, None, lc, a, impl='xla')), argnums=(0, 1, 2))
+
+  def lowered(platforms):
+    jax.clear_caches()  # traces are cached regardless of `lowering_for` (see dimaskdino_jax/export.py)
+    try:
+      with msda.lowering_for(platforms):
+        return jax.jit(grad).trace(*args).lower(lowering_platforms=platforms).as_text()
+    finally:
+      jax.clear_caches()
+
+  cpu, cuda = lowered(('cpu',)), lowered(('cuda',))
+  assert 'stablehlo.while' in cpu and cpu.count('"stablehlo.scatter"') == 2  # the two groups, inside the scan
+  assert 'stablehlo.while' not in cuda and cuda.count('"stablehlo.scatter"') == 1
+
+
 def test_matches_torch_grid_sample_when_available():
   # Independent second oracle: PyTorch's own grid_sample per level (Deformable DETR's pure-PyTorch core), with
   # its autograd for the three gradients. Both float32: agreement to ~1e-6 relative; 1e-5 allows for order.
