@@ -10,6 +10,8 @@ The default grid (`default_grid`, sizes derived from the base config: k1, k2, L 
   no_di_no_bato           DI and BATO off, one selection of k2 (MaskDINO-like)        Table 4
   di_only / bato_only     one of the two modules                                      Table 4
   guidance_<g>            BATO guided by T_i, T_s1, T_s2 or Q_bal (default: decoder0)  Table 5
+                          (Q_bal only with model.formulation='paper': in the official formulation Q_bal is
+                          T_s2 itself, so guidance_Q_bal would train guidance_T_s2's model again)
   no_gtg                  BATO without guiding-token generation                       Table 6
   selections_3            three selections (k1, (k1 + k2) / 2, k2)                    Table 7
   k1_half / k2_half       half the first / the last selection                         Table 8
@@ -44,7 +46,10 @@ def default_grid(config) -> list[tuple[str, str, dict]]:
     ('bato_only', '4', dict(single)),
     ('no_gtg', '6', {'model.bato.guiding_token_generation': False}),
   ]
-  grid += [(f'guidance_{x}', '5', {'model.bato.guidance': x}) for x in ('T_i', 'T_s1', 'T_s2', 'Q_bal')]
+  guidances = ['T_i', 'T_s1', 'T_s2']
+  if m.formulation == 'paper' or m.di.random_position_tokens:  # else Q_bal == T_s2 (model.py: `guides`)
+    guidances.append('Q_bal')
+  grid += [(f'guidance_{x}', '5', {'model.bato.guidance': x}) for x in guidances]
   grid.append(('selections_3', '7', {'model.di.selection_ks': (k1, (k1 + k2) // 2, k2)}))
   grid.append(('k1_half', '8', {'model.di.selection_ks': (max(k2, k1 // 2), *ks[1:])}))
   half = max(1, k2 // 2)

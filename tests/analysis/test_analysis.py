@@ -102,12 +102,17 @@ def test_default_ablation_grid_is_valid_and_distinct():
   names = [n for n, _, _ in grid]
   assert len(set(names)) == len(names)
   assert {'full', 'no_di_no_bato', 'di_only', 'bato_only', 'no_gtg', 'selections_3', 'k1_half', 'k2_half'} <= set(names)
-  assert {f'guidance_{g}' for g in ('T_i', 'T_s1', 'T_s2', 'Q_bal')} <= set(names)
+  assert {f'guidance_{g}' for g in ('T_i', 'T_s1', 'T_s2')} <= set(names)
+  # Official formulation: Q_bal is T_s2 itself (no residual cross-attention), so no guidance_Q_bal; paper: there is.
+  assert config.model.formulation == 'official' and 'guidance_Q_bal' not in names
+  paper = tiny_config()
+  paper.model.formulation = 'paper'
+  assert 'guidance_Q_bal' in [n for n, _, _ in ablation.default_grid(paper)]
   assert {'decoder_2', 'decoder_6'} <= set(names)
   assert {t for _, t, _ in grid} == {'all', '4', '5', '6', '7', '8', '9'}
   # The paper's numbering: Table 5 = the guidance of BATO (DI diagnostics), Table 6 = GTG (BATO diagnostics).
   tables = {n: t for n, t, _ in grid}
-  assert tables['guidance_Q_bal'] == '5' and tables['no_gtg'] == '6'
+  assert tables['guidance_T_s2'] == '5' and tables['no_gtg'] == '6'
   seen = set()
   for name, _, overrides in grid:
     c = runner.setting_config(config, overrides, steps=2, name=name)  # validates

@@ -285,3 +285,12 @@ def test_summary_cli_prints_total_last(capsys):
   want = count_params(abstract_variables(load_config('configs/shapes.py'))['params'])
   assert lines[-1] == f'total_params: {want}'
   assert any(line.startswith('backbone: ') for line in lines) and len(lines) > 5
+
+
+def test_official_q_bal_is_t_s2_so_their_guidance_is_one_model():
+  # In the official formulation the second selection's tokens are Q_bal (no residual cross-attention: that is the
+  # paper's Eq. 4), so BATO guided by Q_bal and by T_s2 is the same model (the ablation grid runs it once).
+  model, variables = init(tiny_config(**{'model.bato.guidance': 'T_s2'}))
+  outs = [run(m, variables, images()) for m in (model, build_model(tiny_config(**{'model.bato.guidance': 'Q_bal'})))]
+  for a, b in zip(jax.tree.leaves(outs[0].layers), jax.tree.leaves(outs[1].layers)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
