@@ -1,6 +1,6 @@
 """Steps per second of the trainer's own loop on a CPU presented as 1, 2, ... XLA host devices.
 
-  python benchmarks/train_loop.py --config configs/shapes.py --steps 400 --devices 1,2 [--json FILE]
+  python benchmarks/train_loop.py --config configs/shapes.py --steps 400 --devices 1,2 [--json FILE] [--config.a.b=v]
 
 For each device count a fresh process (the device count is fixed when jax starts) sets
 `XLA_FLAGS=--xla_force_host_platform_device_count=N`, trains the config for --steps steps with
@@ -25,28 +25,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-reduce'
 
 
-def worker(config_path: str, steps: int, overrides: list[str]) -> dict:
-  """Runs in the child process: trains and returns the figures."""
-  sys.path.insert(0, ROOT)
+def worker(config, steps: int) -> dict:
+  """Runs in the child process: trains the (overridden, validated) config and returns the figures."""
   from absl import logging as absl_logging
 
   absl_logging.set_verbosity(absl_logging.WARNING)
   import jax
 
   from dimaskdino_jax.analysis.runner import set_num_steps
-  from dimaskdino_jax.config import apply_override, load_config, validate
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
   from dimaskdino_jax.training.trainer import train
 
-  config = load_config(config_path)
-  for item in overrides:
-    key, eq, raw = item.partition('=')
-    if not eq:
-      raise SystemExit(f'train_loop: --override {item!r} is not key=value')
-    apply_override(config, key, raw, source='--override')
   set_num_steps(config, steps)
   config.train.log_every = min(int(config.train.log_every), max(1, steps // 8))
-  validate(config, source=config_path)
   ensure_shapes_dataset(config)
   workdir = tempfile.mkdtemp(prefix='train_loop_')
   try:
@@ -74,12 +65,17 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=400)
   parser.add_argument('--devices', default='1,2', help='comma-separated XLA host device counts')
   parser.add_argument('--json', default=None, help='where to write the figures')
-  parser.add_argument('--override', action='append', default=[], help='config override key=value (repeatable)')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  sys.path.insert(0, ROOT)
+  from dimaskdino_jax.config import parse_config_overrides
+
+  # --config.a.b=value overrides, checked here before any child starts and passed on to each child unchanged.
+  args, config = parse_config_overrides(parser, argv)
   if args.worker:
-    print('RESULT ' + json.dumps(worker(args.config, args.steps, args.override)), flush=True)
+    print('RESULT ' + json.dumps(worker(config, args.steps)), flush=True)
     return None
+  overrides = parser.parse_known_args(argv)[1]
   try:
     counts = [int(x) for x in args.devices.split(',') if x]
   except ValueError:
@@ -90,7 +86,7 @@ def main(argv=None):
   for n in counts:
     env = dict(os.environ, XLA_FLAGS=f'{BASE_FLAGS} --xla_force_host_platform_device_count={n}')
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', '--config', args.config, '--steps', str(args.steps)]
-    cmd += [f'--override={o}' for o in args.override]
+    cmd += overrides
     proc = subprocess.run(cmd, env=env, cwd=os.getcwd(), capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
     if proc.returncode != 0 or not lines:
