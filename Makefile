@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tuned for XLA:CPU (see ../shared/reference/jax_stack.md, deformable attention section).
 export XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type=-reduce
 
-.PHONY: setup setup-torch test lint demo clean
+.PHONY: setup setup-torch setup-cuda-compile test lint demo clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,17 @@ setup-torch: $(VENV)/.torch
 $(VENV)/.torch: $(STAMP)
 	$(BIN)/python -m pip install -q 'torch==2.13.0' || (echo 'pip failed; retrying once' && $(BIN)/python -m pip install -q 'torch==2.13.0')
 	touch $(VENV)/.torch
+
+# jaxlib's CUDA plugin (its Triton compiler) and ptxas, to compile the Pallas kernels to GPU machine code on a
+# machine without a GPU (kernels/ms_deform_attn/cuda_compile.py, tests/kernels/test_cuda_compile.py). Installed
+# beside the venv's site-packages, not into it, so jax in the venv stays CPU-only; only that check puts it on
+# PYTHONPATH. The plugin's version must equal jaxlib's.
+CUDA_COMPILE := $(VENV)/cuda-compile
+setup-cuda-compile: $(VENV)/.cuda-compile
+$(VENV)/.cuda-compile: $(STAMP)
+	v=$$($(BIN)/python -c 'import jaxlib; print(jaxlib.__version__)') && pkgs="jax-cuda12-plugin==$$v jax-cuda12-pjrt==$$v nvidia-cuda-nvcc-cu12==12.9.86" && \
+	  ($(BIN)/python -m pip install -q --no-deps --upgrade --target $(CUDA_COMPILE) $$pkgs || (echo 'pip failed; retrying once' && $(BIN)/python -m pip install -q --no-deps --upgrade --target $(CUDA_COMPILE) $$pkgs))
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,7 +38,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint setup-torch
+test: lint setup-torch setup-cuda-compile
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 demo: setup

@@ -1,27 +1,34 @@
 """Pallas (Triton lowering) kernels for multi-scale deformable attention: forward and backward.
 
 Same semantics as `reference.py` (torch `grid_sample`, bilinear, zero padding, align_corners=False; reference
-section 7). Every kernel runs one program per (batch x head, block of BQ queries): it loads the block's locations
-and weights over all K = L * P sample points, computes the four bilinear corners in registers and gathers the
-corner rows of D channels from the (batch, head) value map.
+section 7). Every kernel runs one program per (batch x head, block of BQ queries) and walks the K = L * P sample
+points one at a time (a python loop over the levels, whose sizes are kernel constants, and a `fori_loop` over the
+points of each): per point it loads the block's (BQ,) locations and weights, computes the four bilinear corners
+and gathers the corner rows of D channels, a (BQ, D) tile each, from the (batch, head) value map. Only those
+tiles and the accumulator are live, which keeps the kernels at 32-40 registers per thread with no spills (PTX
+assembled for sm_90a by `cuda_compile.py`; the first version, which gathered all K points of a block at once,
+needed 180 registers forward and 255 with spills backward).
 
 * forward: accumulates the weighted corner rows in float32 -> (BQ, D);
 * backward (`_bwd_kernel`): the dot product of each corner row with the output cotangent gives the gradients of
-  the attention weights and of the locations (per-corner derivatives of the bilinear weights), accumulated in
-  float32 -> (BQ, K) each. The value gradient is `attn * corner weight * cotangent` added into the corner rows:
-  on a GPU in the same kernel with `pallas.triton.atomic_add` into a float32 buffer (the atomics resolve rows
-  shared by several queries and points); off the GPU by the pure-JAX scatter-add of `xla.py`, because Pallas'
-  interpret mode applies an atomic add as a plain scatter that keeps one of several updates to the same row
-  (shared/reference/jax_stack.md, Pallas).
+  the attention weight and of the location of the point (per-corner derivatives of the bilinear weights), in
+  float32, stored per point. The value gradient is `attn * corner weight * cotangent` added into the corner
+  rows: on a GPU in the same kernel with `pallas.triton.atomic_add` into a float32 buffer (the atomics resolve
+  rows shared by several queries and points); off the GPU by the pure-JAX scatter-add of `xla.py`, because
+  Pallas' interpret mode applies an atomic add as a plain scatter that keeps one of several updates to the same
+  row (shared/reference/jax_stack.md, Pallas).
 
-Triton constraints (shared/reference/jax_stack.md, Pallas): every in-kernel array has a power-of-2 size, so
-queries are padded to a multiple of BQ, K and D to powers of two (padded points have weight 0, padded channels
-are sliced off), and gather indices are clamped into the map (a GPU would read out of bounds otherwise).
-`compiler_params=pallas.triton.CompilerParams` selects the Triton lowering rather than Mosaic GPU.
+Layout: value (N*M, S, Dp) (one map per batch x head), locations and weights point-major (N*M, K, Lqp) so a
+point's BQ values are contiguous. Triton constraints (shared/reference/jax_stack.md, Pallas): every in-kernel
+array has a power-of-2 size, so queries are padded to a multiple of BQ and D to a power of two (padded
+channels are sliced off; K needs no padding since points are indexed one at a time), and gather indices are
+clamped into the map (a GPU would read out of bounds otherwise). `compiler_params=pallas.triton.CompilerParams`
+selects the Triton lowering rather than Mosaic GPU.
 
-On CPU the kernels run with `interpret=True` (tests). They have not been run on a GPU yet: they are tested in
+On CPU the kernels run with `interpret=True` (tests). They have not been run on a GPU: they are tested in
 interpret mode (the atomic value gradient on inputs whose rows are distinct within each block, where interpret
-mode is exact) and their Triton lowering is checked without a GPU (tests/kernels).
+mode is exact), and compiled without a GPU through Triton to PTX and by ptxas to sm_80 / sm_90a machine code
+(`cuda_compile.py`, tests/kernels/test_cuda_compile.py).
 """
 
 import functools
@@ -40,27 +47,14 @@ def _next_pow2(x):
   return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _per_point(values, lvl, default):
-  """(1, Kp) array from python per-level constants, for points whose level index is `lvl` (padding: default)."""
-  out = jnp.full(lvl.shape, default, jnp.int32)
-  for i, v in enumerate(values):
-    out = jnp.where(lvl == i, v, out)
-  return out
+def _corners(lx, ly, h, w, start):
+  """The four bilinear corners of BQ points on one level (python ints h, w, start). lx, ly (BQ,) float32.
 
-
-def _block_corners(lx, ly, spatial_shapes, level_start_index, npoints, kp):
-  """The four bilinear corners of a block's points. lx, ly (BQ, Kp) float32 normalized coordinates.
-
-  Returns (hs, ws) (1, Kp) float32 level sizes and a list of 4 tuples (row (BQ, Kp) int32 clamped into the
-  point's level; x weight; y weight; d(x weight)/dx; d(y weight)/dy), every weight (BQ, Kp) float32 and zero
-  for a corner outside its map.
+  Returns 4 tuples (row (BQ,) int32 clamped into the level; x weight; y weight; d(x weight)/dx; d(y weight)/dy),
+  each weight (BQ,) float32 and zero for a corner outside the map.
   """
-  lvl = jax.lax.broadcasted_iota(jnp.int32, (1, kp), 1) // npoints  # (1, Kp) level of each point
-  hs = _per_point([h for h, _ in spatial_shapes], lvl, 1)
-  ws = _per_point([w for _, w in spatial_shapes], lvl, 1)
-  starts = _per_point(list(level_start_index), lvl, 0)
-  x = lx * ws.astype(jnp.float32) - 0.5
-  y = ly * hs.astype(jnp.float32) - 0.5
+  x = lx * float(w) - 0.5
+  y = ly * float(h) - 0.5
   x0f = jnp.floor(x)
   y0f = jnp.floor(y)
   fx = x - x0f
@@ -72,36 +66,47 @@ def _block_corners(lx, ly, spatial_shapes, level_start_index, npoints, kp):
     for dx in (0, 1):
       xi = x0 + dx
       yi = y0 + dy
-      vx = ((xi >= 0) & (xi < ws)).astype(jnp.float32)
-      vy = ((yi >= 0) & (yi < hs)).astype(jnp.float32)
+      vx = ((xi >= 0) & (xi < w)).astype(jnp.float32)
+      vy = ((yi >= 0) & (yi < h)).astype(jnp.float32)
       wx = (fx if dx else 1.0 - fx) * vx
       wy = (fy if dy else 1.0 - fy) * vy
       dwx = vx if dx else -vx
       dwy = vy if dy else -vy
-      row = starts + jnp.clip(yi, 0, hs - 1) * ws + jnp.clip(xi, 0, ws - 1)  # always in bounds
+      row = start + jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)  # always in bounds
       corners.append((row, wx, wy, dwx, dwy))
-  return hs.astype(jnp.float32), ws.astype(jnp.float32), corners
+  return corners
 
 
-def _load_block(refs, bh, qs):
-  return [r[bh, qs, :].astype(jnp.float32) for r in refs]
+def _for_each_point(spatial_shapes, level_start_index, npoints, body, carry):
+  """carry = body(k, (h, w, start), carry) for every sample point k = level * npoints + p: a python loop over the
+  levels (their sizes are constants in the kernel) and a `fori_loop` over the points of each."""
+  for lvl, ((h, w), start) in enumerate(zip(spatial_shapes, level_start_index)):
+    carry = jax.lax.fori_loop(0, npoints, lambda p, c, lvl=lvl, hw=(h, w, start): body(lvl * npoints + p, hw, c), carry)
+  return carry
 
 
-def _fwd_kernel(v_ref, lx_ref, ly_ref, a_ref, o_ref, *, spatial_shapes, level_start_index, npoints, kp, dp):
+def _load_point(refs, bh, k, qs):
+  return [r[bh, k, qs].astype(jnp.float32) for r in refs]  # (BQ,) each
+
+
+def _fwd_kernel(v_ref, lx_ref, ly_ref, a_ref, o_ref, *, spatial_shapes, level_start_index, npoints, dp):
   bh = pl.program_id(0)
   qs = pl.ds(pl.program_id(1) * BLOCK_Q, BLOCK_Q)
-  lx, ly, a = _load_block((lx_ref, ly_ref, a_ref), bh, qs)  # (BQ, Kp) each
-  _, _, corners = _block_corners(lx, ly, spatial_shapes, level_start_index, npoints, kp)
-  chan = jax.lax.broadcasted_iota(jnp.int32, (1, 1, dp), 2)
-  acc = jnp.zeros((BLOCK_Q, dp), jnp.float32)
-  for row, wx, wy, _, _ in corners:
-    g = v_ref[bh, row[:, :, None], chan].astype(jnp.float32)  # (BQ, Kp, Dp)
-    acc = acc + jnp.sum(g * (wx * wy * a)[:, :, None], axis=1)
+  chan = jax.lax.broadcasted_iota(jnp.int32, (1, dp), 1)
+
+  def point(k, level, acc):  # acc (BQ, Dp) float32
+    lx, ly, a = _load_point((lx_ref, ly_ref, a_ref), bh, k, qs)
+    for row, wx, wy, _, _ in _corners(lx, ly, *level):
+      g = v_ref[bh, row[:, None], chan].astype(jnp.float32)  # (BQ, Dp): the corner rows
+      acc = acc + g * (wx * wy * a)[:, None]
+    return acc
+
+  acc = _for_each_point(spatial_shapes, level_start_index, npoints, point, jnp.zeros((BLOCK_Q, dp), jnp.float32))
   o_ref[bh, qs, :] = acc.astype(o_ref.dtype)
 
 
 def _bwd_kernel(
-  v_ref, lx_ref, ly_ref, a_ref, go_ref, *refs, spatial_shapes, level_start_index, npoints, kp, dp, value_grad
+  v_ref, lx_ref, ly_ref, a_ref, go_ref, *refs, spatial_shapes, level_start_index, npoints, dp, value_grad
 ):
   """Gradients of locations (pixel units times the level size) and weights; with value_grad, also the value's
   (refs = (zero float32 buffer aliased to the output, ..., its output ref))."""
@@ -111,42 +116,45 @@ def _bwd_kernel(
     gx_ref, gy_ref, ga_ref = refs
   bh = pl.program_id(0)
   qs = pl.ds(pl.program_id(1) * BLOCK_Q, BLOCK_Q)
-  lx, ly, a = _load_block((lx_ref, ly_ref, a_ref), bh, qs)  # (BQ, Kp) each
-  go = go_ref[bh, qs, :].astype(jnp.float32)[:, None, :]  # (BQ, 1, Dp)
-  hs, ws, corners = _block_corners(lx, ly, spatial_shapes, level_start_index, npoints, kp)
-  chan = jax.lax.broadcasted_iota(jnp.int32, (1, 1, dp), 2)
-  ga = jnp.zeros((BLOCK_Q, kp), jnp.float32)
-  gx = jnp.zeros((BLOCK_Q, kp), jnp.float32)
-  gy = jnp.zeros((BLOCK_Q, kp), jnp.float32)
-  for row, wx, wy, dwx, dwy in corners:
-    g = v_ref[bh, row[:, :, None], chan].astype(jnp.float32)  # (BQ, Kp, Dp)
-    gv = jnp.sum(g * go, axis=2)  # (BQ, Kp): <corner row, cotangent>
-    ga = ga + wx * wy * gv
-    gx = gx + dwx * wy * gv
-    gy = gy + wx * dwy * gv
-    if value_grad:
-      pltriton.atomic_add(gv_ref, (bh, row[:, :, None], chan), (a * wx * wy)[:, :, None] * go)
-  ga_ref[bh, qs, :] = ga
-  gx_ref[bh, qs, :] = gx * a * ws
-  gy_ref[bh, qs, :] = gy * a * hs
+  go = go_ref[bh, qs, :].astype(jnp.float32)  # (BQ, Dp)
+  chan = jax.lax.broadcasted_iota(jnp.int32, (1, dp), 1)
+
+  def point(k, level, carry):
+    lx, ly, a = _load_point((lx_ref, ly_ref, a_ref), bh, k, qs)
+    zero = jnp.zeros((BLOCK_Q,), jnp.float32)
+    ga, gx, gy = zero, zero, zero
+    for row, wx, wy, dwx, dwy in _corners(lx, ly, *level):
+      g = v_ref[bh, row[:, None], chan].astype(jnp.float32)  # (BQ, Dp)
+      gv = jnp.sum(g * go, axis=1)  # (BQ,): <corner row, cotangent>
+      ga = ga + wx * wy * gv
+      gx = gx + dwx * wy * gv
+      gy = gy + wx * dwy * gv
+      if value_grad:
+        pltriton.atomic_add(gv_ref, (bh, row[:, None], chan), (a * wx * wy)[:, None] * go)
+    ga_ref[bh, k, qs] = ga
+    gx_ref[bh, k, qs] = gx * a * float(level[1])
+    gy_ref[bh, k, qs] = gy * a * float(level[0])
+    return carry
+
+  _for_each_point(spatial_shapes, level_start_index, npoints, point, jnp.int32(0))
 
 
 def _layout(value, loc, attn):
-  """Kernel layout: value (N*M, S, Dp); lx, ly, attn (N*M, Lqp, Kp); returns them and the padded sizes."""
+  """Kernel layout: value (N*M, S, Dp); lx, ly, attn (N*M, K, Lqp) point-major; returns them and the padded
+  sizes."""
   n, s, m, d = value.shape
   _, lq, _, nl, npt, _ = loc.shape
   k = nl * npt
-  kp = _next_pow2(k)
   dp = _next_pow2(d)
   lqp = -(-lq // BLOCK_Q) * BLOCK_Q
   v = value.transpose(0, 2, 1, 3).reshape(n * m, s, d)  # (N*M, S, D): one map per (batch, head)
   v = jnp.pad(v, ((0, 0), (0, 0), (0, dp - d)))
 
-  def per_head(x):  # (N, Lq, M, L, P) -> (N*M, Lqp, Kp), padded points get 0
-    x = x.transpose(0, 2, 1, 3, 4).reshape(n * m, lq, k)
-    return jnp.pad(x, ((0, 0), (0, lqp - lq), (0, kp - k)))
+  def per_head(x):  # (N, Lq, M, L, P) -> (N*M, K, Lqp), padded queries get 0
+    x = x.transpose(0, 2, 3, 4, 1).reshape(n * m, k, lq)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, lqp - lq)))
 
-  return v, per_head(loc[..., 0]), per_head(loc[..., 1]), per_head(attn), (kp, dp, lqp)
+  return v, per_head(loc[..., 0]), per_head(loc[..., 1]), per_head(attn), (dp, lqp)
 
 
 def _from_heads(x, n, m, lq, d):
@@ -170,9 +178,9 @@ def _forward(value, loc, attn, spatial_shapes, level_start_index, interpret):
   """Returns (N, Lq, M, D) in value's dtype."""
   n, _, m, d = value.shape
   lq, npt = loc.shape[1], loc.shape[4]
-  v, lx, ly, a, (kp, dp, lqp) = _layout(value, loc, attn)
+  v, lx, ly, a, (dp, lqp) = _layout(value, loc, attn)
   kernel = functools.partial(
-    _fwd_kernel, spatial_shapes=spatial_shapes, level_start_index=level_start_index, npoints=npt, kp=kp, dp=dp
+    _fwd_kernel, spatial_shapes=spatial_shapes, level_start_index=level_start_index, npoints=npt, dp=dp
   )
   out_shape = jax.ShapeDtypeStruct((n * m, lqp, dp), value.dtype)
   out = _call(kernel, (n * m, lqp // BLOCK_Q), out_shape, interpret, 'ms_deform_attn_fwd')(v, lx, ly, a)
@@ -185,18 +193,17 @@ def _backward(value, loc, attn, spatial_shapes, level_start_index, gout, interpr
   n, s, m, d = value.shape
   _, lq, _, nl, npt, _ = loc.shape
   gout = gout.astype(jnp.float32)
-  v, lx, ly, a, (kp, dp, lqp) = _layout(value, loc, attn)
+  v, lx, ly, a, (dp, lqp) = _layout(value, loc, attn)
   go = jnp.pad(gout.transpose(0, 2, 1, 3).reshape(n * m, lq, d), ((0, 0), (0, lqp - lq), (0, dp - d)))
   kernel = functools.partial(
     _bwd_kernel,
     spatial_shapes=spatial_shapes,
     level_start_index=level_start_index,
     npoints=npt,
-    kp=kp,
     dp=dp,
     value_grad=value_grad,
   )
-  small = jax.ShapeDtypeStruct((n * m, lqp, kp), jnp.float32)
+  small = jax.ShapeDtypeStruct((n * m, nl * npt, lqp), jnp.float32)
   out_shape = [small, small, small]
   args = [v, lx, ly, a, go]
   extra = {}
@@ -206,8 +213,8 @@ def _backward(value, loc, attn, spatial_shapes, level_start_index, gout, interpr
     extra['input_output_aliases'] = {5: 3}
   outs = _call(kernel, (n * m, lqp // BLOCK_Q), out_shape, interpret, 'ms_deform_attn_bwd', **extra)(*args)
 
-  def to_points(x):  # (N*M, Lqp, Kp) -> (N, Lq, M, L, P)
-    return x[:, :lq, : nl * npt].reshape(n, m, lq, nl, npt).transpose(0, 2, 1, 3, 4)
+  def to_points(x):  # (N*M, K, Lqp) -> (N, Lq, M, L, P)
+    return x[:, :, :lq].reshape(n, m, nl, npt, lq).transpose(0, 4, 1, 2, 3)
 
   grad_loc = jnp.stack([to_points(outs[0]), to_points(outs[1])], axis=-1)
   grad_attn = to_points(outs[2])

@@ -1,0 +1,58 @@
+"""The Pallas kernels compiled for NVIDIA GPUs on this CPU-only machine (kernels/ms_deform_attn/cuda_compile.py).
+
+Triton IR -> PTX by jaxlib's CUDA Triton compiler, then PTX -> sm_80 / sm_90a machine code by ptxas: catches
+kernels that lower but do not compile, and guards their register budget. The CUDA plugin and ptxas live in
+`.venv/cuda-compile` (`make setup-cuda-compile`, which `make test` runs), put on PYTHONPATH of a subprocess only.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYER = Path(os.environ.get('DIMASKDINO_CUDA_COMPILE', ROOT / '.venv' / 'cuda-compile'))
+CASES = ('encoder', 'encoder_bf16', 'odd')
+ARCH_TARGETS = {'9.0': 'sm_90a', '8.0': 'sm_80'}
+# Measured with jax 0.10.2 (BENCHMARKS.md): 31-56 registers and no spills. The first kernel version, which gathered
+# a block's K points at once, needed ~180 forward and 255 with 48-1500 bytes of spills backward: this bound fails it.
+MAX_REGISTERS = 64
+
+
+@pytest.fixture(scope='module')
+def compiled(tmp_path_factory):
+  if not (LAYER / 'jax_plugins').is_dir():
+    pytest.skip(f'{LAYER} holds no jax CUDA plugin: `make setup-cuda-compile` installs it')
+  out = tmp_path_factory.mktemp('cuda') / 'compiled.json'
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join([str(LAYER), str(ROOT)]),
+    JAX_PLATFORMS='cpu',
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK='1',
+  )
+  cmd = [sys.executable, '-m', 'kernels.ms_deform_attn.cuda_compile', '--cases', ','.join(CASES)]
+  cmd += ['--arches', ','.join(ARCH_TARGETS), '--json', str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, f'{" ".join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-5000:]}'
+  return json.loads(out.read_text())['cases']
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_kernels_compile_to_gpu_machine_code(compiled, case):
+  rows = compiled[case]
+  # forward then backward (the vjp keeps both), each for both architectures
+  assert [(r['kernel'], r['arch']) for r in rows] == [
+    (k, a) for k in ('ms_deform_attn_fwd', 'ms_deform_attn_bwd') for a in ARCH_TARGETS
+  ]
+  for r in rows:
+    where = f'{case} {r["kernel"]} {r["arch"]}'
+    assert r['target'] == ARCH_TARGETS[r['arch']], where
+    assert r['entry'], f'{where}: the PTX has no entry of that name'
+    assert r['cubin_bytes'] > 0, where
+    # the value gradient's atomics are in the backward kernel only
+    assert (r['atomic_adds'] > 0) == (r['kernel'] == 'ms_deform_attn_bwd'), where
+    assert r['spill_stores'] == 0 and r['spill_loads'] == 0, f'{where}: spills {r}'
+    assert r['registers'] <= MAX_REGISTERS, f'{where}: {r["registers"]} registers'
