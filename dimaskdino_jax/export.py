@@ -16,8 +16,9 @@ post-processing (evaluation/postprocess.py: postprocess_batch) turns the outputs
 original image. OUT gets the serialized bytes; OUT.json the canvas, batch size, k, class names, input and output
 specs and the platforms. `--platforms cuda` (or `cpu cuda` for one file that runs on both) exports for a GPU from any
 machine, a CPU-only one included: the deformable attention is then the implementation picked for the target
-platforms (kernels/ms_deform_attn: `lowering_for`); with `--config.model.msda_impl=pallas` the file holds the Triton
-kernel, which jax.export does not promise to load with another jaxlib version (OUT.json: `triton_kernel`). Reload
+platforms (kernels/ms_deform_attn: `lowering_for`); for `--platforms cuda` alone, 'auto' and 'pallas' put the Triton
+kernels in the file, which jax.export does not promise to load with another jaxlib version (OUT.json:
+`triton_kernel`; `--config.model.msda_impl=xla` leaves them out). Reload
 with `load_exported(OUT)` (or `jax.export.deserialize(bytes).call(...)`): no model code is needed, only jax.
 """
 

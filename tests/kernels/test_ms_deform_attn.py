@@ -364,7 +364,9 @@ def test_auto_dispatch_follows_the_lowering_platforms():
   assert msda.target_platforms() == (jax.default_backend(),)
   with msda.lowering_for(('cuda',)):
     assert msda.target_platforms() == ('cuda',)
-    assert msda._resolve('auto', value, loc) == ('pallas' if msda.PALLAS_ON_GPU else 'xla')
+    assert msda._resolve('auto', value, loc) == 'pallas'
+    with mock.patch.object(msda, 'PALLAS_ON_GPU', False):
+      assert msda._resolve('auto', value, loc) == 'xla'
     assert msda._on_gpu_only()
   with msda.lowering_for(('cpu', 'CUDA')):
     assert msda._resolve('auto', value, loc) == 'xla' and not msda._on_gpu_only()
