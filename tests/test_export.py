@@ -1,5 +1,6 @@
 """jax.export of the inference function: serialized, reloaded, and equal to the live model; the CLI writes the file."""
 
+import json
 import os
 
 import jax
@@ -11,6 +12,7 @@ from dimaskdino_jax import export
 from dimaskdino_jax.evaluation import evaluator
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training.checkpoint import Checkpointer
+from tests.cuda_compile_env import run_module
 from tests.evaluation.test_evaluator import FAST, TINY_OVERRIDES, tiny_config
 from tests.tiny import init_variables
 
@@ -103,3 +105,23 @@ def test_export_for_cuda_lowers_the_triton_kernel(variables):
   predict = evaluator.make_predict_fn(build_model(config), 5, True, False, tuple(sorted(FAST.items())))
   (live,) = predict(variables, images, image_hw)
   assert np.isfinite(np.asarray(live.scores)).all()
+
+
+def test_cuda_export_compiles_for_an_h100_without_a_gpu(variables, tmp_path):
+  # XLA's GPU compiler, run here on a described H100 (dimaskdino_jax/gpu_aot.py), turns the file exported for
+  # ('cuda',) into machine code, the Pallas deformable-attention kernels included ('auto' picks them on GPUs).
+  config = tiny_config('unused')
+  exported = export.export_predict(config, variables, (64, 64), batch_size=2, platforms=('cuda',))
+  path, out = str(tmp_path / 'cuda.bin'), str(tmp_path / 'aot.json')
+  export.save_exported(exported, path, {})
+  run_module('dimaskdino_jax.gpu_aot', path, '--target', 'h100', '--json', out)
+  with open(out) as f:
+    result = json.load(f)
+  # one deformable-attention kernel per encoder and decoder layer, all compiled by XLA, none dropped or replaced
+  layers = config.model.encoder.num_layers + config.model.decoder.num_layers
+  assert result['triton_calls_compiled'] == layers, result
+  assert result['kernel_names'] == ['ms_deform_attn_fwd'], result
+  # XLA's buffer assignment: the arguments are exactly the inputs (the weights are constants of the program)
+  assert result['argument_bytes'] == 2 * 64 * 64 * 3 + 2 * 2 * 4, result
+  assert result['output_bytes'] >= sum(a.size * a.dtype.itemsize for a in exported.out_avals), result
+  assert result['temp_bytes'] > 0 and result['peak_bytes'] > result['argument_bytes'], result

@@ -6,15 +6,11 @@ kernels that lower but do not compile, and guards their register budget. The CUD
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-LAYER = Path(os.environ.get('DIMASKDINO_CUDA_COMPILE', ROOT / '.venv' / 'cuda-compile'))
+from tests.cuda_compile_env import run_module
+
 CASES = ('encoder', 'encoder_bf16', 'odd')
 ARCH_TARGETS = {'9.0': 'sm_90a', '8.0': 'sm_80'}
 # Measured with jax 0.10.2 (BENCHMARKS.md): 31-56 registers and no spills. The first kernel version, which gathered
@@ -24,19 +20,9 @@ MAX_REGISTERS = 64
 
 @pytest.fixture(scope='module')
 def compiled(tmp_path_factory):
-  if not (LAYER / 'jax_plugins').is_dir():
-    pytest.skip(f'{LAYER} holds no jax CUDA plugin: `make setup-cuda-compile` installs it')
   out = tmp_path_factory.mktemp('cuda') / 'compiled.json'
-  env = dict(
-    os.environ,
-    PYTHONPATH=os.pathsep.join([str(LAYER), str(ROOT)]),
-    JAX_PLATFORMS='cpu',
-    JAX_SKIP_CUDA_CONSTRAINTS_CHECK='1',
-  )
-  cmd = [sys.executable, '-m', 'kernels.ms_deform_attn.cuda_compile', '--cases', ','.join(CASES)]
-  cmd += ['--arches', ','.join(ARCH_TARGETS), '--json', str(out)]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, f'{" ".join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-5000:]}'
+  args = ('--cases', ','.join(CASES), '--arches', ','.join(ARCH_TARGETS), '--json', str(out))
+  run_module('kernels.ms_deform_attn.cuda_compile', *args)
   return json.loads(out.read_text())['cases']
 
 
