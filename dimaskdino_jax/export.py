@@ -31,8 +31,9 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from kernels.ms_deform_attn import TRITON_CALL, lowering_for  # noqa: E402
+
 OUTPUT_NAMES = ('scores', 'labels', 'queries', 'boxes', 'mask_logits')
-TRITON_CALL = '__gpu$xla.gpu.triton'  # the custom-call target of a Pallas kernel lowered for a GPU
 
 
 def export_predict(config, variables, canvas_hw, batch_size: int = 1, platforms=None) -> jax.export.Exported:
@@ -56,8 +57,6 @@ def export_predict(config, variables, canvas_hw, batch_size: int = 1, platforms=
     jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8),
     jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
   )
-  from kernels.ms_deform_attn import lowering_for
-
   # The deformable attention's implementation is chosen for the target platforms, not for this machine: for
   # ('cuda',) the GPU choice (from a CPU-only machine too), for ('cpu', 'cuda') the XLA formulation both run.
   # The Pallas kernel lowers to a Triton custom call, which jax.export refuses by default (no compatibility

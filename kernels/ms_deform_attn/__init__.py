@@ -41,6 +41,7 @@ from kernels.per_shard import per_shard
 
 __all__ = [
   'IMPLS',
+  'TRITON_CALL',
   'lowering_for',
   'target_platforms',
   'ms_deform_attn',
@@ -55,6 +56,9 @@ IMPLS = ('auto', 'xla', 'dense', 'reference', 'pallas')
 # against the float64 oracle and compiled without a GPU to sm_80 / sm_90a machine code (cuda_compile.py), but no
 # GPU has run them in this project yet; `impl='xla'` (config: model.msda_impl) opts out.
 PALLAS_ON_GPU = True
+
+# The custom-call target of a Pallas/Triton kernel lowered for a GPU (it carries the kernel's Triton IR).
+TRITON_CALL = '__gpu$xla.gpu.triton'
 
 _LOWERING_FOR: list[tuple[str, ...]] = []  # the stack of `lowering_for` platforms (innermost last)
 _GPU_PLATFORMS = ('cuda', 'rocm', 'gpu')

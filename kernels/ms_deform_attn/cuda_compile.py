@@ -39,10 +39,9 @@ if __name__ == '__main__':  # before jax reads them: compile only, never a CUDA 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels.ms_deform_attn import lowering_for  # noqa: E402
+from kernels.ms_deform_attn import TRITON_CALL, lowering_for, normalize_shapes  # noqa: E402
 from kernels.ms_deform_attn.pallas import ms_deform_attn_pallas  # noqa: E402
 
-TRITON_CALL = '__gpu$xla.gpu.triton'
 # Compute capability -> ptxas architecture (Triton emits the 'a' variant, e.g. sm_90a, for Hopper).
 ARCHES = {'8.0': 'sm_80', '9.0': 'sm_90a'}
 
@@ -110,32 +109,39 @@ def triton_kernels(lowered) -> list[TritonKernel]:
 def lower_msda(case: Case):
   """The op's forward and backward (a vjp, so both kernels stay live) for `case`, lowered for CUDA."""
   dt = jnp.dtype(case.dtype)
-  s = sum(h * w for h, w in case.shapes)
-  nl = len(case.shapes)
+  shapes, starts = normalize_shapes(case.shapes)
+  s, nl = sum(h * w for h, w in shapes), len(shapes)
   value = jax.ShapeDtypeStruct((case.n, s, case.m, case.d), dt)
   loc = jax.ShapeDtypeStruct((case.n, case.lq, case.m, nl, case.p, 2), dt)
   attn = jax.ShapeDtypeStruct((case.n, case.lq, case.m, nl, case.p), dt)
-  starts = tuple(int(sum(h * w for h, w in case.shapes[:i])) for i in range(nl))
 
   def fwd_bwd(v, lc, a):
-    out, vjp = jax.vjp(lambda v, lc, a: ms_deform_attn_pallas(v, case.shapes, starts, lc, a, False), v, lc, a)
+    out, vjp = jax.vjp(lambda v, lc, a: ms_deform_attn_pallas(v, shapes, starts, lc, a, False), v, lc, a)
     return out, vjp(out)
 
   with lowering_for(('cuda',)):
     return jax.jit(fwd_bwd).trace(value, loc, attn).lower(lowering_platforms=('cuda',))
 
 
-def compile_ptx(kernel: TritonKernel, arch: str = '9.0'):
-  """Triton IR -> (PTX text, shared memory bytes) with jaxlib's CUDA Triton compiler."""
+def require_cuda_plugin():
+  """Registers the installed PJRT plugins; raises RuntimeError saying what to install when jaxlib's CUDA plugin
+  (its Triton compiler, and XLA:GPU for `dimaskdino_jax.gpu_aot`) is not among them."""
   from jax._src.lib import triton
 
   jax.devices()  # registers the installed PJRT plugins, and with them the CUDA Triton compiler
   if not triton.has_compilation_handler('cuda'):
     raise RuntimeError(
-      'no Triton compiler for CUDA is registered: install jax-cuda12-plugin and jax-cuda12-pjrt of the installed '
-      f'jaxlib version ({jax.__version__}) (`make setup-cuda-compile`), and without a GPU set '
-      'JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 and JAX_PLATFORMS=cpu'
+      "jaxlib's CUDA plugin is not loaded: install jax-cuda12-plugin and jax-cuda12-pjrt of the installed jaxlib "
+      f'version ({jax.__version__}) (`make setup-cuda-compile`, then PYTHONPATH=.venv/cuda-compile), and without a '
+      'GPU set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 and JAX_PLATFORMS=cpu'
     )
+
+
+def compile_ptx(kernel: TritonKernel, arch: str = '9.0'):
+  """Triton IR -> (PTX text, shared memory bytes) with jaxlib's CUDA Triton compiler."""
+  from jax._src.lib import triton
+
+  require_cuda_plugin()
   res = triton.compile('cuda', kernel.ir, arch, num_warps=kernel.num_warps, num_ctas=1, num_stages=kernel.num_stages)
   return res.asm, int(res.smem_bytes)
 
