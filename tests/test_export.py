@@ -143,3 +143,11 @@ def _check_h100_compile(config, result, out_avals):
   if out_avals is not None:
     assert result['output_bytes'] >= sum(a.size * a.dtype.itemsize for a in out_avals), result
   assert result['temp_bytes'] > 0 and result['peak_bytes'] > result['argument_bytes'], result
+
+
+def test_gpu_aot_refuses_a_file_not_exported_for_cuda(variables):
+  from dimaskdino_jax import gpu_aot
+
+  exported = export.export_predict(tiny_config('unused'), variables, (64, 64), platforms=('cpu',))
+  with pytest.raises(ValueError, match='--platforms cuda'):
+    gpu_aot.compile_exported(exported)

@@ -42,3 +42,11 @@ def test_kernels_compile_to_gpu_machine_code(compiled, case):
     assert (r['atomic_adds'] > 0) == (r['kernel'] == 'ms_deform_attn_bwd'), where
     assert r['spill_stores'] == 0 and r['spill_loads'] == 0, f'{where}: spills {r}'
     assert r['registers'] <= MAX_REGISTERS, f'{where}: {r["registers"]} registers'
+
+
+def test_without_the_cuda_plugin_the_error_says_what_to_install():
+  # This test process has no jaxlib CUDA plugin (it lives in .venv/cuda-compile, on PYTHONPATH of subprocesses only).
+  from kernels.ms_deform_attn.cuda_compile import require_cuda_plugin
+
+  with pytest.raises(RuntimeError, match='make setup-cuda-compile'):
+    require_cuda_plugin()
