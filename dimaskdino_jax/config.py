@@ -55,159 +55,212 @@ def token_count(canvas_hw, total_levels=4, first_stride=8) -> int:
 
 
 def validate(config, source='<config>') -> None:
-  """Raises ConfigError for any impossible combination."""
-  m = config.model
+  """Raises ConfigError for any impossible combination: the model's architecture, its selections, BATO, the
+  canvases, training, initial weights, the device mesh and the losses, checked in that order."""
+  _validate_architecture(config.model, source)
+  _validate_selections(config.model, source)
+  _validate_bato(config.model, source)
+  _require(config.model.dn.num >= 0, source, 'model.dn.num', 'must be >= 0')
+  _validate_canvases(config, source)
+  _validate_training(config.train, source)
+  _validate_initial_weights(config, source)
+  _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
+  _validate_mesh(config, source)
+  _validate_losses(config, source)
+
+
+def _validate_architecture(model, source) -> None:
+  """model.formulation, msda_impl, classes, backbone, widths, encoder and decoder sizes, box_init, dn.mode."""
   _require(
-    m.formulation in FORMULATIONS,
+    model.formulation in FORMULATIONS,
     source,
     'model.formulation',
-    f'unknown formulation {m.formulation!r}; choose one of {FORMULATIONS}',
+    f'unknown formulation {model.formulation!r}; choose one of {FORMULATIONS}',
   )
-  _require(m.msda_impl in MSDA_IMPLS, source, 'model.msda_impl', f'{m.msda_impl!r} not in {MSDA_IMPLS}')
-  _require(m.num_classes >= 1, source, 'model.num_classes', 'must be >= 1')
-  _require(m.backbone.depth in DEPTHS, source, 'model.backbone.depth', f'{m.backbone.depth} not in {DEPTHS}')
-  _require(0 <= m.backbone.freeze_at <= 5, source, 'model.backbone.freeze_at', 'must be in 0..5')
-  _require(m.backbone.dtype in ('float32', 'bfloat16'), source, 'model.backbone.dtype', 'float32 or bfloat16')
-  _require(m.backbone.norm in ('FrozenBN', 'GN'), source, 'model.backbone.norm', "'FrozenBN' or 'GN'")
-  _require(0.0 <= m.class_prior_prob < 1.0, source, 'model.class_prior_prob', 'must be in [0, 1)')
-  hd = m.hidden_dim
-  _require(hd % 2 == 0, source, 'model.hidden_dim', 'must be even (sine embeddings)')
+  _require(model.msda_impl in MSDA_IMPLS, source, 'model.msda_impl', f'{model.msda_impl!r} not in {MSDA_IMPLS}')
+  _require(model.num_classes >= 1, source, 'model.num_classes', 'must be >= 1')
+  backbone = model.backbone
+  _require(backbone.depth in DEPTHS, source, 'model.backbone.depth', f'{backbone.depth} not in {DEPTHS}')
+  _require(0 <= backbone.freeze_at <= 5, source, 'model.backbone.freeze_at', 'must be in 0..5')
+  _require(backbone.dtype in ('float32', 'bfloat16'), source, 'model.backbone.dtype', 'float32 or bfloat16')
+  _require(backbone.norm in ('FrozenBN', 'GN'), source, 'model.backbone.norm', "'FrozenBN' or 'GN'")
+  _require(0.0 <= model.class_prior_prob < 1.0, source, 'model.class_prior_prob', 'must be in [0, 1)')
+  hidden = model.hidden_dim
+  _require(hidden % 2 == 0, source, 'model.hidden_dim', 'must be even (sine embeddings)')
   for name in ('encoder', 'decoder'):
-    heads = m[name].num_heads
-    _require(hd % heads == 0, source, f'model.{name}.num_heads', f'hidden_dim {hd} not divisible by {heads}')
+    heads = model[name].num_heads
+    _require(hidden % heads == 0, source, f'model.{name}.num_heads', f'hidden_dim {hidden} not divisible by {heads}')
   _require(
-    hd % m.encoder.num_groups == 0,
+    hidden % model.encoder.num_groups == 0,
     source,
     'model.encoder.num_groups',
-    f'hidden_dim {hd} not divisible by {m.encoder.num_groups} GroupNorm groups',
+    f'hidden_dim {hidden} not divisible by {model.encoder.num_groups} GroupNorm groups',
   )
   _require(
-    list(m.encoder.in_features) == ['res3', 'res4', 'res5'],
+    list(model.encoder.in_features) == ['res3', 'res4', 'res5'],
     source,
     'model.encoder.in_features',
     'only (res3, res4, res5) is supported',
   )
-  _require(m.encoder.total_num_feature_levels >= 3, source, 'model.encoder.total_num_feature_levels', 'must be >= 3')
-  _require(m.encoder.common_stride == 4, source, 'model.encoder.common_stride', 'only 4 is supported')
-  _require(m.decoder.num_layers >= 1, source, 'model.decoder.num_layers', 'must be >= 1')
-  _require(m.decoder.box_init in BOX_INITS, source, 'model.decoder.box_init', f'choose one of {BOX_INITS}')
-  _require(m.dn.mode in DN_MODES, source, 'model.dn.mode', f'choose one of {DN_MODES}')
-  ks = tuple(m.di.selection_ks)
-  _require(len(ks) >= 1, source, 'model.di.selection_ks', 'needs at least one selection')
   _require(
-    ks[-1] == m.decoder.num_queries,
+    model.encoder.total_num_feature_levels >= 3, source, 'model.encoder.total_num_feature_levels', 'must be >= 3'
+  )
+  _require(model.encoder.common_stride == 4, source, 'model.encoder.common_stride', 'only 4 is supported')
+  _require(model.decoder.num_layers >= 1, source, 'model.decoder.num_layers', 'must be >= 1')
+  _require(model.decoder.box_init in BOX_INITS, source, 'model.decoder.box_init', f'choose one of {BOX_INITS}')
+  _require(model.dn.mode in DN_MODES, source, 'model.dn.mode', f'choose one of {DN_MODES}')
+
+
+def _validate_selections(model, source) -> None:
+  """model.di.selection_ks (k1 >= k2 >= ..., the last = num_queries) against DI on / off."""
+  selection_ks = tuple(model.di.selection_ks)
+  _require(len(selection_ks) >= 1, source, 'model.di.selection_ks', 'needs at least one selection')
+  _require(
+    selection_ks[-1] == model.decoder.num_queries,
     source,
     'model.di.selection_ks',
-    f'the last selection ({ks[-1]}) must equal model.decoder.num_queries ({m.decoder.num_queries})',
+    f'the last selection ({selection_ks[-1]}) must equal model.decoder.num_queries ({model.decoder.num_queries})',
   )
-  for i in range(1, len(ks)):
+  for i in range(1, len(selection_ks)):
     _require(
-      ks[i] <= ks[i - 1],
+      selection_ks[i] <= selection_ks[i - 1],
       source,
       'model.di.selection_ks',
-      f'k{i + 1} = {ks[i]} > k{i} = {ks[i - 1]}: a selection cannot keep more tokens than it is given',
+      f'k{i + 1} = {selection_ks[i]} > k{i} = {selection_ks[i - 1]}: a selection cannot keep more tokens than it is '
+      'given',
     )
-  if m.di.enabled:
-    _require(len(ks) >= 2, source, 'model.di.selection_ks', 'DI needs two or more selections (k1, k2)')
-    _require(m.di.ti_layers >= 1, source, 'model.di.ti_layers', 'DI needs at least one token-interaction layer')
+  if model.di.enabled:
+    _require(len(selection_ks) >= 2, source, 'model.di.selection_ks', 'DI needs two or more selections (k1, k2)')
+    _require(model.di.ti_layers >= 1, source, 'model.di.ti_layers', 'DI needs at least one token-interaction layer')
   else:
     _require(
-      len(ks) == 1,
+      len(selection_ks) == 1,
       source,
       'model.di.selection_ks',
       'with DI off there is a single selection: set selection_ks = (num_queries,)',
     )
-  if m.bato.enabled:
-    _require(m.bato.guidance in GUIDANCES, source, 'model.bato.guidance', f'choose one of {GUIDANCES}')
+
+
+def _validate_bato(model, source) -> None:
+  """model.bato: guidance, the decoder layer it runs before, the number of guiding tokens."""
+  bato = model.bato
+  if not bato.enabled:
+    return
+  _require(bato.guidance in GUIDANCES, source, 'model.bato.guidance', f'choose one of {GUIDANCES}')
+  _require(
+    0 <= bato.layer < model.decoder.num_layers,
+    source,
+    'model.bato.layer',
+    f'must be a decoder layer index < {model.decoder.num_layers}',
+  )
+  _require(
+    bato.layer >= 1 or bato.guidance != 'decoder0',
+    source,
+    'model.bato.layer',
+    "guidance 'decoder0' needs bato.layer >= 1",
+  )
+  _require(
+    bato.num_guiding_tokens <= model.decoder.num_queries,
+    source,
+    'model.bato.num_guiding_tokens',
+    f'{bato.num_guiding_tokens} > num_queries {model.decoder.num_queries}',
+  )
+  if bato.guidance in ('T_s1', 'T_s2', 'Q_bal'):
+    _require(model.di.enabled, source, 'model.bato.guidance', f'{bato.guidance!r} needs model.di.enabled')
+
+
+def _validate_canvases(config, source) -> None:
+  """The training and evaluation canvases: divisible by size_divisibility, with at least k1 encoder tokens; the
+  data fields that depend on the canvas."""
+  model, data = config.model, config.data
+  divisor = model.size_divisibility
+  k1 = tuple(model.di.selection_ks)[0]
+  canvases = [(data.image_size, data.image_size), *[tuple(canvas) for canvas in data.eval_canvases]]
+  for field, hw in zip(['data.image_size'] + ['data.eval_canvases'] * len(data.eval_canvases), canvases):
     _require(
-      0 <= m.bato.layer < m.decoder.num_layers,
-      source,
-      'model.bato.layer',
-      f'must be a decoder layer index < {m.decoder.num_layers}',
-    )
-    _require(
-      m.bato.layer >= 1 or m.bato.guidance != 'decoder0',
-      source,
-      'model.bato.layer',
-      "guidance 'decoder0' needs bato.layer >= 1",
-    )
-    _require(
-      m.bato.num_guiding_tokens <= m.decoder.num_queries,
-      source,
-      'model.bato.num_guiding_tokens',
-      f'{m.bato.num_guiding_tokens} > num_queries {m.decoder.num_queries}',
-    )
-    if m.bato.guidance in ('T_s1', 'T_s2', 'Q_bal'):
-      _require(m.di.enabled, source, 'model.bato.guidance', f'{m.bato.guidance!r} needs model.di.enabled')
-  _require(m.dn.num >= 0, source, 'model.dn.num', 'must be >= 0')
-  div = m.size_divisibility
-  d = config.data
-  canvases = [(d.image_size, d.image_size), *[tuple(c) for c in d.eval_canvases]]
-  for field, hw in zip(['data.image_size'] + ['data.eval_canvases'] * len(d.eval_canvases), canvases):
-    _require(
-      hw[0] % div == 0 and hw[1] % div == 0,
+      hw[0] % divisor == 0 and hw[1] % divisor == 0,
       source,
       field,
-      f'canvas {hw} is not divisible by {div} (model.size_divisibility)',
+      f'canvas {hw} is not divisible by {divisor} (model.size_divisibility)',
     )
-    tokens = token_count(hw, m.encoder.total_num_feature_levels)
+    tokens = token_count(hw, model.encoder.total_num_feature_levels)
     _require(
-      ks[0] <= tokens,
+      k1 <= tokens,
       source,
       'model.di.selection_ks',
-      f'k1 = {ks[0]} is larger than the {tokens} encoder tokens of canvas {hw} ({field})',
+      f'k1 = {k1} is larger than the {tokens} encoder tokens of canvas {hw} ({field})',
     )
-  _require(d.mask_stride in (1, 2, 4, 8), source, 'data.mask_stride', 'must be 1, 2, 4 or 8')
-  _require(d.image_size % d.mask_stride == 0, source, 'data.mask_stride', 'must divide data.image_size')
-  _require(d.train_transform in ('lsj', 'resize'), source, 'data.train_transform', "'lsj' or 'resize'")
-  t = config.train
-  _require(t.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
+  _require(data.mask_stride in (1, 2, 4, 8), source, 'data.mask_stride', 'must be 1, 2, 4 or 8')
+  _require(data.image_size % data.mask_stride == 0, source, 'data.mask_stride', 'must divide data.image_size')
+  _require(data.train_transform in ('lsj', 'resize'), source, 'data.train_transform', "'lsj' or 'resize'")
+
+
+def _validate_training(train, source) -> None:
+  """train: batch size, the step counts of the loop, the trainable subset."""
+  _require(train.batch_size >= 1, source, 'train.batch_size', 'must be >= 1')
   for field in ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'max_consecutive_nonfinite'):
-    _require(field in t, source, f'train.{field}', 'missing (see configs/dimaskdino_r50_coco.py)')
+    _require(field in train, source, f'train.{field}', 'missing (see configs/dimaskdino_r50_coco.py)')
     _require(
-      isinstance(t[field], int) and t[field] >= 1,
+      isinstance(train[field], int) and train[field] >= 1,
       source,
       f'train.{field}',
-      f'must be an integer >= 1, got {t[field]!r}',
+      f'must be an integer >= 1, got {train[field]!r}',
     )
-  trainable = config.train.get('trainable', 'all')
+  trainable = train.get('trainable', 'all')
   _require(trainable in TRAINABLE, source, 'train.trainable', f'{trainable!r}: choose one of {TRAINABLE}')
-  weights = str(m.backbone.get('weights', '') or '')
-  init_ckpt = str(config.train.get('init_checkpoint', '') or '')
-  if weights:
+
+
+def _validate_initial_weights(config, source) -> None:
+  """model.backbone.weights (ImageNet, FrozenBN only) and train.init_checkpoint exclude each other."""
+  backbone = config.model.backbone
+  weights = str(backbone.get('weights', '') or '')
+  init_checkpoint = str(config.train.get('init_checkpoint', '') or '')
+  if not weights:
+    return
+  _require(
+    weights.lower().endswith(('.pth', '.pt', '.pkl')),
+    source,
+    'model.backbone.weights',
+    f'{weights!r}: expected a torchvision ResNet .pth or a detectron2 .pkl',
+  )
+  _require(
+    backbone.norm == 'FrozenBN',
+    source,
+    'model.backbone.weights',
+    "ImageNet weights carry BatchNorm statistics: needs model.backbone.norm = 'FrozenBN'",
+  )
+  _require(
+    not init_checkpoint,
+    source,
+    'train.init_checkpoint',
+    'set either train.init_checkpoint (all weights) or model.backbone.weights (backbone only), not both',
+  )
+
+
+def _validate_mesh(config, source) -> None:
+  """mesh (optional): data parallelism only, the batch divisible by the data axis."""
+  if 'mesh' not in config:
+    return
+  mesh = config.mesh
+  _require(mesh.model == 1, source, 'mesh.model', 'only 1 is implemented (data parallelism)')
+  _require(mesh.data == -1 or mesh.data >= 1, source, 'mesh.data', '-1 (all devices) or >= 1')
+  if mesh.data >= 1:
+    batch_size = config.train.batch_size
     _require(
-      weights.lower().endswith(('.pth', '.pt', '.pkl')),
+      batch_size % mesh.data == 0,
       source,
-      'model.backbone.weights',
-      f'{weights!r}: expected a torchvision ResNet .pth or a detectron2 .pkl',
+      'train.batch_size',
+      f'{batch_size} is not divisible by mesh.data = {mesh.data} devices',
     )
-    _require(
-      m.backbone.norm == 'FrozenBN',
-      source,
-      'model.backbone.weights',
-      "ImageNet weights carry BatchNorm statistics: needs model.backbone.norm = 'FrozenBN'",
-    )
-    _require(
-      not init_ckpt,
-      source,
-      'train.init_checkpoint',
-      'set either train.init_checkpoint (all weights) or model.backbone.weights (backbone only), not both',
-    )
-  _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
-  if 'mesh' in config:
-    _require(config.mesh.model == 1, source, 'mesh.model', 'only 1 is implemented (data parallelism)')
-    _require(config.mesh.data == -1 or config.mesh.data >= 1, source, 'mesh.data', '-1 (all devices) or >= 1')
-    if config.mesh.data >= 1:
-      _require(
-        t.batch_size % config.mesh.data == 0,
-        source,
-        'train.batch_size',
-        f'{t.batch_size} is not divisible by mesh.data = {config.mesh.data} devices',
-      )
-  _require(config.loss.num_points >= 0, source, 'loss.num_points', 'must be >= 0 (0 = every pixel)')
+
+
+def _validate_losses(config, source) -> None:
+  """loss and matcher point sampling."""
+  loss = config.loss
+  _require(loss.num_points >= 0, source, 'loss.num_points', 'must be >= 0 (0 = every pixel)')
   _require(config.matcher.num_points >= 0, source, 'matcher.num_points', 'must be >= 0 (0 = every pixel)')
-  _require(0.0 <= config.loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]')
-  _require(config.loss.oversample_ratio >= 1.0, source, 'loss.oversample_ratio', 'must be >= 1')
+  _require(0.0 <= loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]')
+  _require(loss.oversample_ratio >= 1.0, source, 'loss.oversample_ratio', 'must be >= 1')
 
 
 # ------------------------------------------------------------------------------------ command-line overrides
@@ -240,8 +293,8 @@ def apply_override(config, dotted: str, raw: str, source: str = '--config') -> N
       value = raw
   try:
     node[last] = value
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'{source}.{dotted}={raw}: {e}') from None
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f'{source}.{dotted}={raw}: {error}') from None
 
 
 def checkpoint_cli_parser(doc, what):
@@ -287,6 +340,6 @@ def parse_config_overrides(parser, argv):
     for name, value in overrides:
       apply_override(config, name, value)
     validate(config, source=args.config)
-  except ConfigError as e:
-    parser.error(str(e))
+  except ConfigError as error:
+    parser.error(str(error))
   return args, config
