@@ -13,7 +13,7 @@
 
 Semantics are torch `grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)` per level:
 pixel x = loc_x * W - 0.5, y = loc_y * H - 0.5, four neighbours, a neighbour outside the map contributes 0
-(reference section 7).
+(docs/architecture.md, "Deformable attention").
 
 impl: 'xla' (fast pure JAX, hand-written VJP), 'dense' (dense sampling matrices and matrix products: fastest on
 CPU for small maps, see dense.py), 'reference' (straightforward pure JAX, autodiff; the test

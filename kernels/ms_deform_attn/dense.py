@@ -1,7 +1,8 @@
 """Multi-scale deformable attention as dense matrix products, for small feature maps (no gather, no scatter).
 
-Same semantics as `reference.py` (torch `grid_sample`, bilinear, zero padding, align_corners=False; reference
-section 7). Bilinear sampling is separable: the weight of pixel (h, w) for a sample at pixel coordinates (x, y)
+Same semantics as `reference.py` (torch `grid_sample`, bilinear, zero padding, align_corners=False;
+docs/architecture.md, "Deformable attention").
+Bilinear sampling is separable: the weight of pixel (h, w) for a sample at pixel coordinates (x, y)
 is ky(h) * kx(w), where kx(w) = 1 - fx at w = floor(x), fx at w = floor(x) + 1 and 0 elsewhere (fx = x -
 floor(x)); pixels outside the map simply do not exist in the one-hot range, which is exactly zero padding. So
 for each level

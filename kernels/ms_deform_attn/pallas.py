@@ -1,7 +1,8 @@
 """Pallas (Triton lowering) kernels for multi-scale deformable attention: forward and backward.
 
-Same semantics as `reference.py` (torch `grid_sample`, bilinear, zero padding, align_corners=False; reference
-section 7). Every kernel runs one program per (batch x head, block of BQ queries) and walks the K = L * P sample
+Same semantics as `reference.py` (torch `grid_sample`, bilinear, zero padding, align_corners=False;
+docs/architecture.md, "Deformable attention").
+Every kernel runs one program per (batch x head, block of BQ queries) and walks the K = L * P sample
 points one at a time (a python loop over the levels, whose sizes are kernel constants, and a `fori_loop` over the
 points of each): per point it loads the block's (BQ,) locations and weights, computes the four bilinear corners
 and gathers the corner rows of D channels, a (BQ, D) tile each, from the (batch, head) value map. Only those
@@ -16,10 +17,10 @@ needed 180 registers forward and 255 with spills backward).
   rows: on a GPU in the same kernel with `pallas.triton.atomic_add` into a float32 buffer (the atomics resolve
   rows shared by several queries and points); off the GPU by the pure-JAX scatter-add of `xla.py`, because
   Pallas' interpret mode applies an atomic add as a plain scatter that keeps one of several updates to the same
-  row (shared/reference/jax_stack.md, Pallas).
+  row (docs/jax_notes.md, Pallas).
 
 Layout: value (N*M, S, Dp) (one map per batch x head), locations and weights point-major (N*M, K, Lqp) so a
-point's BQ values are contiguous. Triton constraints (shared/reference/jax_stack.md, Pallas): every in-kernel
+point's BQ values are contiguous. Triton constraints (docs/jax_notes.md, Pallas): every in-kernel
 array has a power-of-2 size, so queries are padded to a multiple of BQ and D to a power of two (padded
 channels are sliced off; K needs no padding since points are indexed one at a time), and gather indices are
 clamped into the map (a GPU would read out of bounds otherwise). `compiler_params=pallas.triton.CompilerParams`

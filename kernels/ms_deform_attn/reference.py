@@ -1,7 +1,7 @@
 """Straightforward pure-JAX multi-scale deformable attention (the oracle for the faster paths).
 
-Implements `ms_deform_attn_core_pytorch` of Deformable DETR (reference section 7): for each level, bilinear
-sampling with zero padding exactly as torch `grid_sample(mode='bilinear', padding_mode='zeros',
+Implements `ms_deform_attn_core_pytorch` of Deformable DETR (docs/architecture.md, "Deformable attention"): for each
+level, bilinear sampling with zero padding exactly as torch `grid_sample(mode='bilinear', padding_mode='zeros',
 align_corners=False)`, weighted by the attention weights and summed over levels and points. Written for
 clarity, not speed: one bilinear sampler per (batch, head) map, vmapped; gradients come from autodiff.
 """

@@ -1,8 +1,8 @@
 """PyTorch pure reference of multi-scale deformable attention (for benchmarks and parity tests only).
 
 Written after Deformable DETR's `ms_deform_attn_core_pytorch`: `F.grid_sample(bilinear, zeros,
-align_corners=False)` per level on (N*M, D, H, W) maps with grid = 2 * loc - 1 (reference section 7). torch is
-imported lazily: this module is never imported by the JAX code paths.
+align_corners=False)` per level on (N*M, D, H, W) maps with grid = 2 * loc - 1 (docs/architecture.md, "Deformable
+attention"). torch is imported lazily: this module is never imported by the JAX code paths.
 """
 
 

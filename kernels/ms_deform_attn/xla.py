@@ -1,7 +1,8 @@
 """Fast pure-JAX multi-scale deformable attention with a hand-written backward (`jax.custom_vjp`).
 
-Same semantics as `reference.py` (torch `grid_sample`, bilinear, zero padding, align_corners=False; reference
-section 7). Formulation, chosen by measurement on XLA:CPU (benchmarks/msda.py, shared/reference/jax_stack.md):
+Same semantics as `reference.py` (torch `grid_sample`, bilinear, zero padding, align_corners=False;
+docs/architecture.md, "Deformable attention"). Formulation, chosen by measurement on XLA:CPU (benchmarks/msda.py,
+docs/jax_notes.md):
 
 * value is viewed as rows of D channels, `(N * S * M, D)`, so one sample corner is one contiguous row; the row
   of pixel (h, w) of level l, head m, batch n is `(n * S + start_l + h * W_l + w) * M + m`;
@@ -222,5 +223,5 @@ def ms_deform_attn_xla(
   # out: (N, Lq, M, D)
   # Heads concatenated in order = out.reshape(N, Lq, M * D). Written as a concatenation of per-head slices
   # because XLA:CPU folds a plain reshape (a bitcast) into the gather-reduce loop, which then runs ~3x slower
-  # (measured: benchmarks/msda.py; shared/reference/jax_stack.md); the concatenation keeps that loop 4-D.
+  # (measured: benchmarks/msda.py; docs/jax_notes.md); the concatenation keeps that loop 4-D.
   return jnp.concatenate([out[:, :, h] for h in range(m)], axis=-1)
