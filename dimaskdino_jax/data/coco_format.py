@@ -6,7 +6,7 @@ category ids (sorted, possibly non-contiguous) to contiguous labels 0..C-1 (any 
 defines them), and returns one `ImageRecord` per usable image with its annotations converted to compressed RLE
 (pycocotools, `counts` as str).
 
-Bad records are skipped and counted, never silently (DESIGN.md, Errors), each under a reason below: image entries
+Bad records are skipped and counted, never silently, each under a reason below: image entries
 that are malformed, duplicated, whose file is missing, unreadable or corrupt (every image is decoded once, JPEGs at
 1/8 scale, which still reads every byte), larger than PIL's decompression-bomb limit or whose size differs from the
 json; annotations that are malformed, duplicated, for an unknown image or category, with a malformed, zero-area or

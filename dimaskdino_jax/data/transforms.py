@@ -1,6 +1,6 @@
 """Per-image transforms on host numpy arrays (no grain, no model code): decode, LSJ, resize, targets, eval resize.
 
-Training (`TrainTransform`, reference section 5 "Data (training)"):
+Training (`TrainTransform`; docs/architecture.md, "Training settings"):
   * crowd annotations are dropped before anything else;
   * 'lsj' = detectron2's COCOInstanceNewBaselineDatasetMapper, in this order and with the same random draws:
     RandomFlip(horizontal, p=0.5): flip when U[0,1) < 0.5;
