@@ -1,14 +1,15 @@
 """DI-MaskDINO, ResNet-50, COCO instance segmentation: the official reference config.
 
 Every value follows `configs/Base_DIMaskDINO_COCO.yaml` + `dimaskdino_r50_4scale_bs16_{12,24,50}ep.yaml` of the
-official code with detectron2 defaults (reference section 0). Variants: `12ep` (default), `24ep`, `50ep`:
+official code with detectron2 defaults (docs/architecture.md, "Training settings"). Variants: `12ep` (default),
+`24ep`, `50ep`:
 
   python train.py --config configs/dimaskdino_r50_coco.py:24ep --workdir runs/r50_24ep
 """
 
 import ml_collections
 
-# Schedules in iterations at batch 16 (reference section 0): (max_iter, lr drop steps).
+# Schedules in iterations at batch 16 (the official 12ep / 24ep / 50ep yaml files): (max_iter, lr drop steps).
 SCHEDULES = {
   '12ep': (88500, (81125,)),
   '24ep': (177000, (147500,)),

@@ -1,7 +1,8 @@
 """MaskDINO R50 (COCO instance segmentation, `maskdino_R50_bs16_50ep_4s_dowsample1_2048.yaml` layout).
 
 The DI-MaskDINO reference config with DI and BATO off, 9 decoder layers and a single top-300 selection
-(reference section 0). Variants as in `dimaskdino_r50_coco.py` (`12ep`, `24ep`, `50ep`; default `50ep`).
+(docs/official_vs_paper.md, "Configuration and switches"). Variants as in `dimaskdino_r50_coco.py` (`12ep`, `24ep`,
+`50ep`; default `50ep`).
 """
 
 from configs import dimaskdino_r50_coco

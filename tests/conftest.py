@@ -2,7 +2,7 @@
 
 import os
 
-# The CPU fusion flag measured in ../shared/reference/jax_stack.md (14x on deformable attention).
+# The CPU fusion flag measured in docs/jax_notes.md (14x on deformable attention).
 _flags = os.environ.get('XLA_FLAGS', '')
 if 'ynn_fusion_type' not in _flags:
   _flags += ' --xla_cpu_experimental_ynn_fusion_type=-reduce'

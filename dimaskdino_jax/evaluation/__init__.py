@@ -1,4 +1,5 @@
-"""Inference post-processing (`postprocess`) and COCO evaluation (`coco_eval`), reference section 5."""
+"""Inference post-processing (`postprocess`) and COCO evaluation (`coco_eval`); docs/architecture.md,
+"Inference post-processing"."""
 
 from dimaskdino_jax.evaluation.coco_eval import COCOEvaluator, evaluate_detections, results_to_coco
 from dimaskdino_jax.evaluation.postprocess import (

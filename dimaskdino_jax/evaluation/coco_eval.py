@@ -5,7 +5,7 @@
       evaluator.add(image_id, result)
     metrics = evaluator.evaluate()          # {'bbox': {'AP': 46.9, 'AP50': ...}, 'segm': {...}} in percent
 
-Sharp edges handled here (reference jax_stack.md, "COCO evaluation"): `pycocotools.mask.encode` needs uint8
+Sharp edges handled here (docs/jax_notes.md, "COCO evaluation"): `pycocotools.mask.encode` needs uint8
 [H, W, N] in Fortran order and returns bytes counts (decoded to str, JSON-safe); segm results carry no 'bbox'
 (otherwise `loadRes` takes the area from the box); `loadRes` mutates its input, so every iou type gets its own
 copies; `loadRes` fails on an empty list, so zero detections give AP 0 without calling it.

@@ -1,4 +1,5 @@
-"""Instance inference: top-k selection on the device, mask / box post-processing on the host (reference 5).
+"""Instance inference: top-k selection on the device, mask / box post-processing on the host (docs/architecture.md,
+"Inference post-processing").
 
 Official `MaskDINO.forward` (eval) + `instance_inference` + detectron2 `sem_seg_postprocess`, step by step:
 
@@ -47,7 +48,8 @@ class TopK(NamedTuple):
 
 
 def select_topk(logits, boxes, mask_logits=None, k: int = 100) -> TopK:
-  """Top-k over all (query, class) scores of each image (reference 5, step 3). Jit-able; `k` is static.
+  """Top-k over all (query, class) scores of each image (docs/architecture.md, "Inference post-processing").
+  Jit-able; `k` is static.
 
   logits (B, Q, C), boxes (B, Q, 4) cxcywh, mask_logits (B, Q, Hm, Wm) or None. k is clamped to Q * C.
   `jax.lax.top_k` sorts descending (the official `topk(sorted=False)` order is irrelevant to COCO evaluation).
@@ -100,7 +102,7 @@ def mask_resize_matrices(mask_hw, canvas_hw, image_hw, orig_hw):
 
 
 def upsample_masks(mask_logits, canvas_hw, image_hw, orig_hw) -> np.ndarray:
-  """Full-resolution mask logits (k, orig_h, orig_w) float32 from low-res logits (k, Hm, Wm) (reference 5 step 2)."""
+  """Full-resolution mask logits (k, orig_h, orig_w) float32 from low-res logits (k, Hm, Wm): upsample, crop, resize."""
   mask_logits = np.asarray(mask_logits, np.float32)
   a_h, a_w = _sparse_matrices(
     tuple(mask_logits.shape[-2:]), *(tuple(map(int, x)) for x in (canvas_hw, image_hw, orig_hw))
@@ -119,7 +121,8 @@ def _sparse_matrices(mask_hw, canvas_hw, image_hw, orig_hw):
 
 
 def postprocess_image(scores, labels, boxes, mask_logits, image_hw, canvas_hw, orig_hw) -> dict:
-  """Final detections of one image in original-image coordinates (reference 5, steps 2-6). Host-side numpy.
+  """Final detections of one image in original-image coordinates (docs/architecture.md, "Inference
+  post-processing"). Host-side numpy.
 
   scores (k,) class probabilities, labels (k,), boxes (k, 4) cxcywh of the canvas, mask_logits (k, Hm, Wm) low-res
   logits or None (detection only: the score is the class probability and no masks are returned).

@@ -1,4 +1,4 @@
-"""Post-processing (reference 5, inference): top-k, mask upsampling / scores, box scaling."""
+"""Post-processing (docs/architecture.md, "Inference post-processing"): top-k, mask upsampling / scores, box scaling."""
 
 import math
 

@@ -1,8 +1,8 @@
 """Tests of kernels.ms_deform_attn against a float64 NumPy oracle written from the definition.
 
-The oracle is torch `grid_sample(bilinear, zeros, align_corners=False)` per level (reference section 7):
-pixel x = loc_x * W - 0.5, y = loc_y * H - 0.5; four neighbours with bilinear weights; a neighbour outside the
-map contributes 0. Its analytic backward is itself checked against central finite differences.
+The oracle is torch `grid_sample(bilinear, zeros, align_corners=False)` per level (docs/architecture.md,
+"Deformable attention"): pixel x = loc_x * W - 0.5, y = loc_y * H - 0.5; four neighbours with bilinear weights; a
+neighbour outside the map contributes 0. Its analytic backward is itself checked against central finite differences.
 """
 
 import functools
@@ -474,7 +474,7 @@ def _distinct_rows_inputs(seed, n=2, m=2, d=5, shapes=((8, 8), (10, 9))):
 
 def test_pallas_atomic_value_gradient_in_interpret_mode():
   # The GPU backward's atomic value gradient, run by the interpreter on inputs where it is exact (distinct corner
-  # rows within each block; with shared rows interpret mode keeps one update per row, shared/reference/jax_stack.md).
+  # rows within each block; with shared rows interpret mode keeps one update per row, docs/jax_notes.md).
   # All three gradients against the float64 oracle, and the same value gradient as the pure-JAX scatter-add path.
   from kernels.ms_deform_attn.pallas import ms_deform_attn_pallas
 

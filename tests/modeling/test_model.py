@@ -195,7 +195,7 @@ def test_random_position_tokens_without_di_set_the_decoder_anchors():
 
 
 def test_r50_parameter_counts():
-  """52,286,232 unique parameters counted from the official state_dict (reference section 12): exact."""
+  """52,286,232 unique parameters counted from the official state_dict (docs/architecture.md, "Checkpoints"): exact."""
   di = shapes_of(load_config('configs/dimaskdino_r50_coco.py'), 256)['params']
   total = count_params(di)
   assert total == 52_286_232, total
