@@ -1,4 +1,5 @@
-"""detectron2 ResNet (`build_resnet_backbone`) with FrozenBatchNorm, returning res2..res5 (reference 1.2).
+"""detectron2 ResNet (`build_resnet_backbone`) with FrozenBatchNorm, returning res2..res5 (docs/architecture.md,
+"Backbone").
 
 NHWC. Bottleneck blocks (ResNet-50/101) put the stride on the 3x3 conv (STRIDE_IN_1X1=False); BasicBlocks
 (ResNet-18/34) on the first 3x3. FrozenBN statistics live in the non-trainable collection `frozen_bn` as
@@ -25,13 +26,13 @@ class FrozenBatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c = x.shape[-1]
-    w = self.variable('frozen_bn', 'weight', lambda: jnp.ones((c,), jnp.float32)).value
-    b = self.variable('frozen_bn', 'bias', lambda: jnp.zeros((c,), jnp.float32)).value
-    rm = self.variable('frozen_bn', 'running_mean', lambda: jnp.zeros((c,), jnp.float32)).value
-    rv = self.variable('frozen_bn', 'running_var', lambda: jnp.ones((c,), jnp.float32)).value
-    scale = w * jax.lax.rsqrt(rv + self.eps)
-    shift = b - rm * scale
+    channels = x.shape[-1]
+    weight = self.variable('frozen_bn', 'weight', lambda: jnp.ones((channels,), jnp.float32)).value
+    bias = self.variable('frozen_bn', 'bias', lambda: jnp.zeros((channels,), jnp.float32)).value
+    running_mean = self.variable('frozen_bn', 'running_mean', lambda: jnp.zeros((channels,), jnp.float32)).value
+    running_var = self.variable('frozen_bn', 'running_var', lambda: jnp.ones((channels,), jnp.float32)).value
+    scale = weight * jax.lax.rsqrt(running_var + self.eps)
+    shift = bias - running_mean * scale
     return (x * scale.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
 
 
@@ -74,29 +75,37 @@ class _Block(nn.Module):
   norm_groups: int = 32
 
   def conv(self, features, kernel, stride, name):
-    return ConvNorm(features, kernel, stride, self.dtype, self.norm, self.norm_groups, name=name)
+    return ConvNorm(
+      features=features,
+      kernel=kernel,
+      stride=stride,
+      dtype=self.dtype,
+      norm=self.norm,
+      norm_groups=self.norm_groups,
+      name=name,
+    )
 
   def shortcut(self, x):
     """Projection shortcut (1x1 conv + norm) when the shape changes, else identity."""
     if x.shape[-1] != self.out_channels or self.stride != 1:
-      return self.conv(self.out_channels, 1, self.stride, 'shortcut')(x)
+      return self.conv(self.out_channels, kernel=1, stride=self.stride, name='shortcut')(x)
     return x
 
 
 class BottleneckBlock(_Block):
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(self.conv(self.bottleneck, 1, 1, 'conv1')(x))
-    y = nn.relu(self.conv(self.bottleneck, 3, self.stride, 'conv2')(y))
-    y = self.conv(self.out_channels, 1, 1, 'conv3')(y)
+    y = nn.relu(self.conv(self.bottleneck, kernel=1, stride=1, name='conv1')(x))
+    y = nn.relu(self.conv(self.bottleneck, kernel=3, stride=self.stride, name='conv2')(y))
+    y = self.conv(self.out_channels, kernel=1, stride=1, name='conv3')(y)
     return nn.relu(y + self.shortcut(x))
 
 
 class BasicBlock(_Block):
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(self.conv(self.out_channels, 3, self.stride, 'conv1')(x))
-    y = self.conv(self.out_channels, 3, 1, 'conv2')(y)
+    y = nn.relu(self.conv(self.out_channels, kernel=3, stride=self.stride, name='conv1')(x))
+    y = self.conv(self.out_channels, kernel=3, stride=1, name='conv2')(y)
     return nn.relu(y + self.shortcut(x))
 
 
@@ -122,18 +131,34 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x.astype(self.dtype)
-    x = nn.relu(ConvNorm(self.stem_width, 7, 2, self.dtype, self.norm, self.norm_groups, name='stem')(x))
+    stem = ConvNorm(
+      features=self.stem_width,
+      kernel=7,
+      stride=2,
+      dtype=self.dtype,
+      norm=self.norm,
+      norm_groups=self.norm_groups,
+      name='stem',
+    )
+    x = nn.relu(stem(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     block = BottleneckBlock if self.depth >= 50 else BasicBlock
     outs = {}
-    for s, (blocks, (bott, out)) in enumerate(
-      zip(STAGE_BLOCKS[self.depth], stage_channels(self.depth, self.width, self.res2_out_channels))
-    ):
-      for k in range(blocks):
+    channels = stage_channels(self.depth, self.width, self.res2_out_channels)
+    for s, (num_blocks, (bottleneck, out_channels)) in enumerate(zip(STAGE_BLOCKS[self.depth], channels)):
+      for k in range(num_blocks):
         stride = 2 if (k == 0 and s > 0) else 1
-        x = block(bott, out, stride, self.dtype, self.norm, self.norm_groups, name=f'res{s + 2}_{k}')(x)
+        x = block(
+          bottleneck=bottleneck,
+          out_channels=out_channels,
+          stride=stride,
+          dtype=self.dtype,
+          norm=self.norm,
+          norm_groups=self.norm_groups,
+          name=f'res{s + 2}_{k}',
+        )(x)
       if self.freeze_at >= s + 2:
         x = jax.lax.stop_gradient(x)
       outs[f'res{s + 2}'] = x.astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""De-Imbalance (DI): residual double selection -> balance-aware query Q_bal (reference 2.1; paper Eq. 1-4).
+"""De-Imbalance (DI): residual double selection -> balance-aware query Q_bal (paper Eq. 1-4; docs/architecture.md,
+"Token interaction and second selection", and docs/official_vs_paper.md, "De-Imbalance").
 
 Official formulation (`Object_Level_Detection_Module`, attribute `oldm`): the k1 tokens selected from the
 encoder run through `ti_layers` token-interaction layers (self-attention + FFN, post-norm) with iterative box
@@ -25,11 +26,11 @@ class TokenInteractionLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, pos):
-    q = x + pos
+    query = x + pos
     x = nn.LayerNorm(epsilon=1e-5, name='norm1')(
-      x + MultiheadAttention(self.dim, self.num_heads, name='self_attn')(q, q, x)
+      x + MultiheadAttention(dim=self.dim, num_heads=self.num_heads, name='self_attn')(query, query, x)
     )
-    return FFN(self.dim, self.ffn_dim, norm_name='norm2', name='ffn')(x)
+    return FFN(dim=self.dim, ffn_dim=self.ffn_dim, norm_name='norm2', name='ffn')(x)
 
 
 class DeImbalanceStage(nn.Module):
@@ -46,12 +47,17 @@ class DeImbalanceStage(nn.Module):
   ffn_dim: int
 
   def setup(self):
-    self.layers = [TokenInteractionLayer(self.dim, self.num_heads, self.ffn_dim) for _ in range(self.num_layers)]
-    self.ref_point_head = MLP(self.dim, self.dim, 2)
+    self.layers = [
+      TokenInteractionLayer(dim=self.dim, num_heads=self.num_heads, ffn_dim=self.ffn_dim)
+      for _ in range(self.num_layers)
+    ]
+    self.ref_point_head = MLP(hidden_dim=self.dim, output_dim=self.dim, num_layers=2)
     self.norm = nn.LayerNorm(epsilon=1e-5)  # oldm_norm
-    self.bbox_embed = MLP(self.dim, 4, 3, zero_last=True)  # _oldm_bbox_embed, shared by all TI layers
+    # _oldm_bbox_embed, shared by all TI layers
+    self.bbox_embed = MLP(hidden_dim=self.dim, output_dim=4, num_layers=3, zero_last=True)
 
   def query_pos(self, ref):
+    """ref_point_head(sine(ref)): ref (B, K, 4) sigmoid boxes -> (B, K, d)."""
     return self.ref_point_head(box_sine_embedding(ref, self.dim // 2))
 
   def __call__(self, tgt, ref_logits):
@@ -63,10 +69,10 @@ class DeImbalanceStage(nn.Module):
       out = layer(out, self.query_pos(ref))
       new_ref = jax.nn.sigmoid(self.bbox_embed(out) + inverse_sigmoid(ref))
       ref = jax.lax.stop_gradient(new_ref)
-      o = self.norm(out)
-      normed.append(o)
+      out_normed = self.norm(out)
+      normed.append(out_normed)
       # Quirk: the aux box adds a second delta (from the normed output) on top of the refined box.
-      boxes.append(jax.nn.sigmoid(self.bbox_embed(o) + inverse_sigmoid(new_ref)))
+      boxes.append(jax.nn.sigmoid(self.bbox_embed(out_normed) + inverse_sigmoid(new_ref)))
     return out, new_ref, jnp.stack(normed), jnp.stack(boxes)
 
 
@@ -79,10 +85,11 @@ class ResidualCrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, pos, memory, memory_pos):
-    q = x + pos
+    query = x + pos
     x = nn.LayerNorm(epsilon=1e-5, name='norm1')(
-      x + MultiheadAttention(self.dim, self.num_heads, name='self_attn')(q, q, x)
+      x + MultiheadAttention(dim=self.dim, num_heads=self.num_heads, name='self_attn')(query, query, x)
     )
-    ca = MultiheadAttention(self.dim, self.num_heads, name='cross_attn')(x + pos, memory + memory_pos, memory)
-    x = nn.LayerNorm(epsilon=1e-5, name='norm2')(x + ca)
-    return FFN(self.dim, self.ffn_dim, norm_name='norm3', name='ffn')(x)
+    cross_attention = MultiheadAttention(dim=self.dim, num_heads=self.num_heads, name='cross_attn')
+    attended = cross_attention(x + pos, memory + memory_pos, memory)
+    x = nn.LayerNorm(epsilon=1e-5, name='norm2')(x + attended)
+    return FFN(dim=self.dim, ffn_dim=self.ffn_dim, norm_name='norm3', name='ffn')(x)

@@ -1,4 +1,4 @@
-"""MSDeformAttn: the projections around `kernels.ms_deform_attn` (reference section 7).
+"""MSDeformAttn: the projections around `kernels.ms_deform_attn` (docs/architecture.md, "Deformable attention").
 
 Param names mirror the official module: value_proj, sampling_offsets, attention_weights, output_proj.
 Output layouts are kept: sampling_offsets out index = ((head * L + level) * P + point) * 2 + xy and

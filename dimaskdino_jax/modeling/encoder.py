@@ -1,7 +1,7 @@
 """MaskDINOEncoder (the pixel decoder): input projections, 6 post-norm deformable encoder layers, 1/4 mask branch.
 
-Reference section 1.3. Encoder level order is high-resolution first: [1/8, 1/16, 1/32, 1/64, ...]; the extra
-levels come from stride-2 3x3 convs, the first on the raw res5 map, later ones on the previous extra level.
+docs/architecture.md, "Pixel decoder". Encoder level order is high-resolution first: [1/8, 1/16, 1/32, 1/64, ...];
+the extra levels come from stride-2 3x3 convs, the first on the raw res5 map, later ones on the previous extra level.
 Returns (mask_features (B, H/4, W/4, d), multi_scale [(B, H/8, W/8, d), ..., (B, H/64, W/64, d)]).
 """
 
@@ -16,8 +16,8 @@ from dimaskdino_jax.modeling.position import sine_embedding_2d
 
 def flatten_levels(maps):
   """[(B, H_l, W_l, C)] -> (B, sum H_l W_l, C), spatial shapes ((H_l, W_l), ...)."""
-  shapes = tuple((m.shape[1], m.shape[2]) for m in maps)
-  flat = jnp.concatenate([m.reshape(m.shape[0], -1, m.shape[-1]) for m in maps], axis=1)
+  shapes = tuple((level.shape[1], level.shape[2]) for level in maps)
+  flat = jnp.concatenate([level.reshape(level.shape[0], -1, level.shape[-1]) for level in maps], axis=1)
   return flat, shapes
 
 
@@ -56,11 +56,17 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, src, pos, reference_points, spatial_shapes):
-    attn = MSDeformAttn(self.dim, self.num_levels, self.num_heads, self.num_points, self.impl, name='self_attn')(
-      src + pos, reference_points, src, spatial_shapes
+    self_attention = MSDeformAttn(
+      dim=self.dim,
+      num_levels=self.num_levels,
+      num_heads=self.num_heads,
+      num_points=self.num_points,
+      impl=self.impl,
+      name='self_attn',
     )
-    src = nn.LayerNorm(epsilon=1e-5, name='norm1')(src + attn)
-    return FFN(self.dim, self.ffn_dim, norm_name='norm2', name='ffn')(src)
+    attended = self_attention(src + pos, reference_points, src, spatial_shapes)
+    src = nn.LayerNorm(epsilon=1e-5, name='norm1')(src + attended)
+    return FFN(dim=self.dim, ffn_dim=self.ffn_dim, norm_name='norm2', name='ffn')(src)
 
 
 class PixelDecoder(nn.Module):
@@ -78,13 +84,13 @@ class PixelDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, features):
-    gn = lambda name: nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, name=name)  # noqa: E731
+    group_norm = lambda name: nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, name=name)  # noqa: E731
     srcs, pos_shapes = [], []
     for i, key in enumerate(('res3', 'res4', 'res5')):
       x = nn.Conv(self.dim, (1, 1), kernel_init=xavier_uniform, bias_init=zeros, name=f'input_proj_{i}_conv')(
         features[key]
       )
-      srcs.append(gn(f'input_proj_{i}_norm')(x))
+      srcs.append(group_norm(f'input_proj_{i}_norm')(x))
       pos_shapes.append(features[key].shape[1:3])
     x = features['res5']
     for i in range(3, self.total_levels):
@@ -97,7 +103,7 @@ class PixelDecoder(nn.Module):
         bias_init=zeros,
         name=f'input_proj_{i}_conv',
       )(x)
-      x = gn(f'input_proj_{i}_norm')(x)
+      x = group_norm(f'input_proj_{i}_norm')(x)
       srcs.append(x)
       pos_shapes.append(x.shape[1:3])
     level_embed = self.param('level_embed', nn.initializers.normal(1.0), (self.total_levels, self.dim))
@@ -111,19 +117,26 @@ class PixelDecoder(nn.Module):
     ref = jnp.broadcast_to(ref[None], (src.shape[0], *ref.shape))  # (B, S, L, 2)
     layer_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
     for i in range(self.num_layers):
-      src = layer_cls(
-        self.dim, len(shapes), self.num_heads, self.num_points, self.ffn_dim, self.impl, name=f'encoder_layers_{i}'
-      )(src, pos, ref, shapes)
+      layer = layer_cls(
+        dim=self.dim,
+        num_levels=len(shapes),
+        num_heads=self.num_heads,
+        num_points=self.num_points,
+        ffn_dim=self.ffn_dim,
+        impl=self.impl,
+        name=f'encoder_layers_{i}',
+      )
+      src = layer(src, pos, ref, shapes)
     outs = split_levels(src, shapes)  # [1/8, 1/16, 1/32, 1/64, ...]
 
     # 1/4 mask branch: adapter_1(res2) + upsampled 1/8 map, layer_1 (3x3 + GN + ReLU), mask_features (1x1 + bias).
     res2 = features['res2']
     y = nn.Conv(self.dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill(), name='adapter_1')(res2)
-    y = gn('adapter_1_norm')(y)
+    y = group_norm('adapter_1_norm')(y)
     y = y + resize_bilinear(outs[0], res2.shape[1:3])
     y = nn.Conv(
       self.dim, (3, 3), padding=conv_padding(3), use_bias=False, kernel_init=c2_xavier_fill(), name='layer_1'
     )(y)
-    y = nn.relu(gn('layer_1_norm')(y))
+    y = nn.relu(group_norm('layer_1_norm')(y))
     mask_features = nn.Conv(self.dim, (1, 1), kernel_init=c2_xavier_fill(), bias_init=zeros, name='mask_features')(y)
     return mask_features, outs

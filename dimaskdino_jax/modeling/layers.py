@@ -101,8 +101,8 @@ class MultiheadAttention(nn.Module):
     q = q * (1.0 / math.sqrt(hd))
     logits = jnp.einsum('bqhc,bkhc->bhqk', q, k)  # (B, H, Lq, Lk)
     if mask is not None:
-      m = mask if mask.ndim == 3 else mask[None]
-      logits = jnp.where(m[:, None], -jnp.inf, logits)
+      blocked = mask if mask.ndim == 3 else mask[None]  # (B or 1, Lq, Lk)
+      logits = jnp.where(blocked[:, None], -jnp.inf, logits)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhc->bqhc', attn, v).reshape(*query.shape[:-1], d)
     return nn.Dense(d, kernel_init=torch_linear_kernel_init(), bias_init=zeros, name='out_proj')(out)

@@ -1,4 +1,4 @@
-"""Typed containers for the model's outputs (reference sections 1.8 and 3).
+"""Typed containers for the model's outputs (docs/architecture.md, "Outputs" and "Denoising queries").
 
 Shapes: B batch, Q matching queries (k2), K first-selection tokens (k1, or Q without DI), C classes,
 N = decoder layers (+1 with the initial prediction), T token-interaction layers, S DN slots (`dn.num`),
@@ -33,7 +33,8 @@ class HeadOutputs:
 
 @flax.struct.dataclass
 class DenoisingInfo:
-  """The static-shape DN layout (reference section 3) that the criterion needs for the fixed assignment.
+  """The static-shape DN layout (docs/architecture.md, "Denoising queries") that the criterion needs for the fixed
+  assignment.
 
   slot_active: (S,) bool. Slot s < num_groups * single_pad (the official `pad_size`); inactive slots are
     padding that the official code does not have: they see only themselves and get no loss.

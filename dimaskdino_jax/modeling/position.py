@@ -1,4 +1,4 @@
-"""Sine position embeddings (reference section 1.3 and 1.6).
+"""Sine position embeddings (docs/architecture.md, "Pixel decoder" and "Decoder").
 
 * `sine_embedding_2d`: PositionEmbeddingSine(normalize=True, scale=2*pi) of an (H, W) map: y = (i + 1) / (H + 1e-6)
   * 2*pi (not centred), channels concat(pos_y, pos_x), each interleaving sin/cos.
@@ -16,10 +16,10 @@ def _dim_t(num_feats, temperature=10000.0):
   return temperature ** (2.0 * jnp.floor(i / 2.0) / num_feats)  # (F,)
 
 
-def _interleave(e, dim_t):
-  """e (...,) -> (..., F): channel 2j = sin(e / dim_t[2j]), 2j+1 = cos(e / dim_t[2j+1])."""
-  p = e[..., None] / dim_t
-  return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])], axis=-1).reshape(*p.shape)
+def _interleave(values, dim_t):
+  """values (...,) -> (..., F): channel 2j = sin(values / dim_t[2j]), 2j+1 = cos(values / dim_t[2j+1])."""
+  phases = values[..., None] / dim_t
+  return jnp.stack([jnp.sin(phases[..., 0::2]), jnp.cos(phases[..., 1::2])], axis=-1).reshape(*phases.shape)
 
 
 def sine_embedding_2d(height, width, num_feats, temperature=10000.0):

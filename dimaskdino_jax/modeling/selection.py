@@ -1,4 +1,5 @@
-"""Two-stage query selection: encoder proposals, top-k + gather, mask-enhanced anchors (reference 1.5).
+"""Two-stage query selection: encoder proposals, top-k + gather, mask-enhanced anchors (docs/architecture.md,
+"First selection").
 
 All functions are pure jnp with static shapes.
 """
@@ -20,14 +21,14 @@ def encoder_proposals(spatial_shapes):
   gets 0.05 and the finest 0.4 (the MaskDINO quirk). A proposal is valid iff all four coordinates lie in
   (0.01, 0.99). Returns (proposals (S, 4) logits, INVALID_PROPOSAL where invalid; valid (S,) bool).
   """
-  props = []
+  per_level = []
   for lvl, (h, w) in enumerate(spatial_shapes):
     ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing='ij')
     wh = jnp.full((h * w, 2), 0.05 * (2.0**lvl))
-    props.append(jnp.concatenate([xs.reshape(-1, 1), ys.reshape(-1, 1), wh], -1))
-  p = jnp.concatenate(props, 0).astype(jnp.float32)  # (S, 4) cxcywh
-  valid = jnp.all((p > 0.01) & (p < 0.99), axis=-1)
-  logits = jnp.log(p / (1 - p))
+    per_level.append(jnp.concatenate([xs.reshape(-1, 1), ys.reshape(-1, 1), wh], -1))
+  proposals = jnp.concatenate(per_level, 0).astype(jnp.float32)  # (S, 4) cxcywh
+  valid = jnp.all((proposals > 0.01) & (proposals < 0.99), axis=-1)
+  logits = jnp.log(proposals / (1 - proposals))
   return jnp.where(valid[:, None], logits, INVALID_PROPOSAL), valid
 
 
@@ -51,9 +52,9 @@ def masks_to_boxes(masks, plus_one=False):
   x_min = y_min = 1e8 and x_max = y_max = 0 before conversion. `plus_one` gives detectron2's BitMasks boxes.
   """
   h, w = masks.shape[-2:]
-  m = masks.astype(bool)
-  rows = jnp.any(m, axis=-1)  # (..., H)
-  cols = jnp.any(m, axis=-2)  # (..., W)
+  binary = masks.astype(bool)
+  rows = jnp.any(binary, axis=-1)  # (..., H)
+  cols = jnp.any(binary, axis=-2)  # (..., W)
   ys = jnp.arange(h, dtype=jnp.float32)
   xs = jnp.arange(w, dtype=jnp.float32)
   big = jnp.float32(1e8)
