@@ -1,5 +1,5 @@
-"""Balance-Aware Tokens Optimization (BATO): guiding tokens + cross-attention T_i -> T_bal (reference 2.2;
-paper Eq. 5-8).
+"""Balance-Aware Tokens Optimization (BATO): guiding tokens + cross-attention T_i -> T_bal (paper Eq. 5-8;
+docs/architecture.md, "Guiding-token generation and BATO").
 
 Official (`Query_Guide_Feature_Update`): the feature tokens are the query (memory + sine position), the
 guiding tokens key and value: K = mask tokens + box tokens, V = mask tokens, where mask tokens are the shared
@@ -14,7 +14,7 @@ from dimaskdino_jax.modeling.layers import FFN, MLP, MultiheadAttention
 
 
 class BATO(nn.Module):
-  """memory (B, S, d), memory_pos (S, d) or (B, S, d), guide (B, n, d), guide_pos (B, n, d) -> (B, S, d)."""
+  """`guiding_tokens` (guiding-token generation) then `__call__` (the cross-attention that optimizes T_i)."""
 
   dim: int
   num_heads: int
@@ -22,16 +22,27 @@ class BATO(nn.Module):
   formulation: str = 'official'
   guiding_token_generation: bool = True
 
-  @nn.compact
-  def __call__(self, memory, memory_pos, guide, guide_pos, mask_embed):
+  def setup(self):
+    if self.guiding_token_generation and self.formulation == 'paper':
+      self.mask_net = MLP(hidden_dim=self.dim, output_dim=self.dim, num_layers=3)
+      self.box_net = MLP(hidden_dim=self.dim, output_dim=self.dim, num_layers=3)
+    self.multihead_attn = MultiheadAttention(dim=self.dim, num_heads=self.num_heads)
+    self.norm1 = nn.LayerNorm(epsilon=1e-5)
+    self.ffn = FFN(dim=self.dim, ffn_dim=self.ffn_dim, norm_name='norm2')
+
+  def guiding_tokens(self, guide, guide_pos, mask_embed):
+    """Guiding-token generation (paper Eq. 5-7): guiding queries guide (B, n, d), their position queries guide_pos
+    (B, n, d) and the shared mask MLP `mask_embed` -> key, value (B, n, d) of the attention in `__call__`."""
     if not self.guiding_token_generation:
-      key, value = guide + guide_pos, guide
-    elif self.formulation == 'official':
+      return guide + guide_pos, guide
+    if self.formulation == 'official':
       mask_tokens = mask_embed(guide)  # the shared mask MLP, no decoder_norm
-      key, value = mask_tokens + guide_pos, mask_tokens
-    else:
-      t_g = MLP(self.dim, self.dim, 3, name='mask_net')(guide) + MLP(self.dim, self.dim, 3, name='box_net')(guide)
-      key, value = t_g, t_g
-    attn = MultiheadAttention(self.dim, self.num_heads, name='multihead_attn')(memory + memory_pos, key, value)
-    memory = nn.LayerNorm(epsilon=1e-5, name='norm1')(memory + attn)
-    return FFN(self.dim, self.ffn_dim, norm_name='norm2', name='ffn')(memory)
+      return mask_tokens + guide_pos, mask_tokens
+    guiding = self.mask_net(guide) + self.box_net(guide)  # T_g = T_g^mask + T_g^box
+    return guiding, guiding
+
+  def __call__(self, memory, memory_pos, key, value):
+    """T_bal = FFN(norm1(T_i + MHCA(T_i + pos, key, value))) (paper Eq. 8): memory (B, S, d), memory_pos (S, d) or
+    (B, S, d), key / value (B, n, d) from `guiding_tokens` -> (B, S, d)."""
+    attended = self.multihead_attn(memory + memory_pos, key, value)
+    return self.ffn(self.norm1(memory + attended))
