@@ -9,26 +9,27 @@ import numpy as np
 
 
 def _xp(x):
+  """The array module of x: numpy for numpy arrays, jax.numpy otherwise."""
   return np if isinstance(x, np.ndarray) else jnp
 
 
-def box_cxcywh_to_xyxy(b):
+def box_cxcywh_to_xyxy(boxes):
   """(..., 4) cxcywh -> (..., 4) x0y0x1y1."""
-  xp = _xp(b)
-  cx, cy, w, h = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+  xp = _xp(boxes)
+  cx, cy, w, h = boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
   return xp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
-def box_xyxy_to_cxcywh(b):
+def box_xyxy_to_cxcywh(boxes):
   """(..., 4) x0y0x1y1 -> (..., 4) cxcywh."""
-  xp = _xp(b)
-  x0, y0, x1, y1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+  xp = _xp(boxes)
+  x0, y0, x1, y1 = boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
   return xp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
 
 
-def box_area(b):
+def box_area(boxes):
   """(..., 4) xyxy -> (...)."""
-  return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+  return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def pairwise_box_iou(a, b):
