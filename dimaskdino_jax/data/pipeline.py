@@ -74,13 +74,15 @@ def _read_options(num_workers: int) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=2 if num_workers == 0 else 1, prefetch_buffer_size=2)
 
 
-def _finish(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
-  it_ds = ds.to_iter_dataset(_read_options(num_workers))
+def _finish(dataset: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+  iter_dataset = dataset.to_iter_dataset(_read_options(num_workers))
   if num_workers > 0:
     if not absl_flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside app.run: defaults
       absl_flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
-  return it_ds
+    iter_dataset = iter_dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+    )
+  return iter_dataset
 
 
 def check_dataset(config, prepared: PreparedDataset, *, training: bool = True) -> None:
@@ -113,23 +115,25 @@ def _counts_text(counts: dict) -> str:
 
 def train_summary(config, prepared: PreparedDataset, indices) -> str:
   """What the training pipeline uses and what it leaves out, by reason (printed by make_train_dataset)."""
-  d = config.data
-  g = int(d.max_instances)
-  over = int(np.sum(prepared.index['num_noncrowd'][indices] > g))
+  data_config = config.data
+  max_instances = int(data_config.max_instances)
+  over = int(np.sum(prepared.index['num_noncrowd'][indices] > max_instances))
   meta_skip = prepared.metadata.get('skipped', {})
   meta_fix = prepared.metadata.get('repaired', {})
   kind = 'boxes and masks' if prepared.has_masks else 'boxes only (detection-only)'
   lines = [
     f'data {prepared.name}/{prepared.split} ({prepared.path}): {len(prepared)} images, {len(indices)} used for '
     f'training ({kind}, {prepared.num_classes} classes)',
-    f'  filtered: {len(prepared) - len(indices)} without non-crowd annotations (data.filter_empty={d.filter_empty})',
+    f'  filtered: {len(prepared) - len(indices)} without non-crowd annotations '
+    f'(data.filter_empty={data_config.filter_empty})',
   ]
   for verb, meta in (('skipped', meta_skip), ('repaired', meta_fix)):
     for what in ('images', 'annotations'):
       counts = meta.get(what, {}).get('counts', {})
       lines.append(f'  {verb} {what} at prepare: {sum(counts.values())} ({_counts_text(counts)})')
   lines.append(
-    f'  {over} images have more than data.max_instances={g} non-crowd instances: each keeps its {g} largest, '
+    f'  {over} images have more than data.max_instances={max_instances} non-crowd instances: each keeps its '
+    f'{max_instances} largest, '
     "batch['num_dropped'] counts the rest; undecodable records become blank examples counted in "
     "batch['record_error']"
   )
@@ -160,7 +164,7 @@ def make_train_dataset(
   shard_index / shard_count: this process and the number of processes (jax.process_index(), process_count()).
   prepared: default PreparedDataset(config.data.data_dir, config.data.name, config.data.train_split).
   """
-  d = config.data
+  data_config = config.data
   seed = int(config.seed if seed is None else seed) % _MAX_SEED
   if batch_size is None:
     if config.train.batch_size % shard_count:
@@ -168,23 +172,25 @@ def make_train_dataset(
     batch_size = config.train.batch_size // shard_count
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
-  prepared = prepared or PreparedDataset(d.data_dir, d.name, d.train_split)
+  prepared = prepared or PreparedDataset(data_config.data_dir, data_config.name, data_config.train_split)
   check_dataset(config, prepared)
-  indices = train_indices(prepared, bool(d.filter_empty))
+  indices = train_indices(prepared, bool(data_config.filter_empty))
   if len(indices) == 0:
-    raise ValueError(f'{prepared.path}: no training images with annotations (data.filter_empty={d.filter_empty})')
+    raise ValueError(
+      f'{prepared.path}: no training images with annotations (data.filter_empty={data_config.filter_empty})'
+    )
   if verbose and shard_index == 0:
     print(train_summary(config, prepared, indices), flush=True)
-  ds = grain.MapDataset.source(_Subset(prepared.data_source, indices))
-  ds = ds.shuffle(seed=seed).repeat(None)
+  dataset = grain.MapDataset.source(_Subset(prepared.data_source, indices))
+  dataset = dataset.shuffle(seed=seed).repeat(None)
   transform = TrainTransform.from_config(config, with_masks=prepared.has_masks)
-  ds = ds.random_map(transform, seed=(seed + 1) % _MAX_SEED)
+  dataset = dataset.random_map(transform, seed=(seed + 1) % _MAX_SEED)
   # Process p of n takes the p-th block of each global batch: its rows, stacked in process order, are exactly the
   # global batch of a single-process run (so results do not depend on the number of hosts).
-  ds = ds.batch(batch_size, drop_remainder=True)
+  dataset = dataset.batch(batch_size, drop_remainder=True)
   if shard_count > 1:
-    ds = ds[shard_index::shard_count]
-  return _finish(ds, int(d.num_workers if num_workers is None else num_workers))
+    dataset = dataset[shard_index::shard_count]
+  return _finish(dataset, int(data_config.num_workers if num_workers is None else num_workers))
 
 
 def make_train_iterator(config, **kwargs) -> grain.DatasetIterator:
@@ -239,29 +245,31 @@ class EvalLoader:
     num_workers: int | None = None,
     pad_value=None,
   ):
-    d = config.data
+    data_config = config.data
     if mode not in ('buckets', 'exact'):
       raise ValueError(f"eval mode {mode!r}: choose 'buckets' (data.eval_canvases) or 'exact'")
-    self.prepared = prepared or PreparedDataset(d.data_dir, d.name, split or d.val_split)
+    self.prepared = prepared or PreparedDataset(data_config.data_dir, data_config.name, split or data_config.val_split)
     check_dataset(config, self.prepared, training=False)
     self.batch_size = int(batch_size or config.eval.batch_size)
     if max_images is None:
       max_images = int(config.eval.get('max_images', 0))
-    self.num_workers = int(d.num_workers if num_workers is None else num_workers)
+    self.num_workers = int(data_config.num_workers if num_workers is None else num_workers)
     if pad_value is None:  # ~0 after normalization, like the official pad-after-normalize
       pad_value = np.round(np.asarray(config.model.get('pixel_mean', (0.0, 0.0, 0.0)))).astype(np.uint8)
-    self.transform = EvalTransform(int(d.test_short_edge), int(d.test_max_size), pad_value)
+    self.transform = EvalTransform(int(data_config.test_short_edge), int(data_config.test_max_size), pad_value)
     divisibility = int(config.model.get('size_divisibility', 32))
 
     index = self.prepared.index
     n = len(self.prepared) if not max_images else min(max_images, len(self.prepared))
     groups: dict[tuple[int, int], list[int]] = {}
     for i in range(n):
-      hw = shortest_edge_hw(int(index['height'][i]), int(index['width'][i]), d.test_short_edge, d.test_max_size)
-      canvas = choose_canvas(hw, d.eval_canvases) if mode == 'buckets' else exact_canvas(hw, divisibility)
+      hw = shortest_edge_hw(
+        int(index['height'][i]), int(index['width'][i]), data_config.test_short_edge, data_config.test_max_size
+      )
+      canvas = choose_canvas(hw, data_config.eval_canvases) if mode == 'buckets' else exact_canvas(hw, divisibility)
       groups.setdefault(canvas, []).append(i)
     if mode == 'buckets':
-      order = [c for c in dict.fromkeys(tuple(int(v) for v in c) for c in d.eval_canvases) if c in groups]
+      order = [c for c in dict.fromkeys(tuple(int(v) for v in c) for c in data_config.eval_canvases) if c in groups]
     else:
       order = sorted(groups)
     record_indices, canvases = [], []
@@ -284,8 +292,8 @@ class EvalLoader:
     return len(self.batch_canvases)
 
   def dataset(self) -> grain.IterDataset:
-    ds = grain.MapDataset.source(self._source).map(_EvalMap(self.transform)).batch(self.batch_size)
-    return _finish(ds, self.num_workers)
+    dataset = grain.MapDataset.source(self._source).map(_EvalMap(self.transform)).batch(self.batch_size)
+    return _finish(dataset, self.num_workers)
 
   def __iter__(self):
     return iter(self.dataset())

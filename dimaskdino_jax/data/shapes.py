@@ -43,11 +43,11 @@ _MIN_VISIBLE_PIXELS = 4
 _CIRCLE_VERTICES = 28
 
 
-def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[float]:
-  """Vertices (x0, y0, x1, y1, ...) of a shape with circumradius r, rotated by angle (radians)."""
+def _polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[float]:
+  """Vertices (x0, y0, x1, y1, ...) of a shape with circumradius `radius`, rotated by angle (radians)."""
   n = {'circle': _CIRCLE_VERTICES, 'square': 4, 'triangle': 3}[kind]
-  t = angle + 2 * np.pi * np.arange(n) / n
-  return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1).reshape(-1).round(2).tolist()
+  angles = angle + 2 * np.pi * np.arange(n) / n
+  return np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1).reshape(-1).round(2).tolist()
 
 
 def _rasterize(poly: list[float], h: int, w: int) -> np.ndarray:
@@ -58,9 +58,9 @@ def _rasterize(poly: list[float], h: int, w: int) -> np.ndarray:
 def _random_color(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
   """A colour at L1 distance >= 150 from `avoid` (the background base colour)."""
   for _ in range(20):
-    c = rng.integers(0, 256, 3)
-    if np.abs(c - avoid).sum() >= 150:
-      return c
+    color = rng.integers(0, 256, 3)
+    if np.abs(color - avoid).sum() >= 150:
+      return color
   return 255 - avoid
 
 
@@ -97,18 +97,18 @@ def _make_image(rng: np.random.Generator, index: int, image_size: int):
       x0, y0 = rng.uniform(0, w - region), rng.uniform(0, h - region)
       union = np.zeros((h, w), bool)
       for _ in range(int(rng.integers(3, 8))):
-        r = rng.uniform(2.0, 5.0)
-        cx, cy = x0 + rng.uniform(r, region - r), y0 + rng.uniform(r, region - r)
-        union |= _rasterize(_polygon(kind, cx, cy, r, rng.uniform(0, 2 * np.pi)), h, w)
+        radius = rng.uniform(2.0, 5.0)
+        cx, cy = x0 + rng.uniform(radius, region - radius), y0 + rng.uniform(radius, region - radius)
+        union |= _rasterize(_polygon(kind, cx, cy, radius, rng.uniform(0, 2 * np.pi)), h, w)
       items.append((cat, union, None, True))
     if k == num_shapes:
       break
     cat = int(rng.integers(0, 3))
     kind = CATEGORIES[cat]['name']
-    r = float(np.exp(rng.uniform(np.log(MIN_RADIUS), np.log(0.45 * short))))
-    cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    radius = float(np.exp(rng.uniform(np.log(MIN_RADIUS), np.log(0.45 * short))))
+    cx, cy = rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)
     angle = 0.0 if (kind == 'square' and rng.random() < 0.5) else rng.uniform(0, 2 * np.pi)
-    poly = _polygon(kind, cx, cy, r, angle)
+    poly = _polygon(kind, cx, cy, radius, angle)
     items.append((cat, _rasterize(poly, h, w), poly, False))
 
   for _, mask, _, _ in items:
