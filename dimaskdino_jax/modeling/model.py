@@ -179,7 +179,7 @@ class Predictor(nn.Module):
   # ------------------------------------------------------------------------------------------- stages
   def image_tokens(self, multi_scale):
     """T_i: the encoder's maps flattened in the decoder's level order, coarsest first [1/64, 1/32, 1/16, 1/8]
-    (the reverse of the encoder's; docs/official_vs_paper.md, "Level orders").
+    (the reverse of the encoder's; docs/official_vs_paper.md, "Quirks this code reproduces").
 
     multi_scale [(B, H_l, W_l, d)] in encoder order -> memory (B, S_e, d), shapes ((H_l, W_l), ...) in decoder
     order, memory_pos (S_e, d) sine position of every token (no level embedding; used by BATO and Eq. 4).
