@@ -20,7 +20,7 @@ from dimaskdino_jax.modeling.backbone import ResNet
 from dimaskdino_jax.modeling.bato import BATO
 from dimaskdino_jax.modeling.de_imbalance import DeImbalanceStage, ResidualCrossAttention
 from dimaskdino_jax.modeling.decoder import DecoderLayer
-from dimaskdino_jax.modeling.denoising import dn_attention_mask, dn_layout, dn_queries
+from dimaskdino_jax.modeling.denoising import dn_attention_mask, dn_layout, dn_queries, draw_dn_noise
 from dimaskdino_jax.modeling.encoder import PixelDecoder, flatten_levels, resize_bilinear
 from dimaskdino_jax.modeling.layers import MLP, c2_xavier_fill, conv_padding, torch_linear_bias_init, xavier_uniform
 from dimaskdino_jax.modeling.outputs import HeadOutputs, Predictions
@@ -155,8 +155,11 @@ class Predictor(nn.Module):
     q = tgt.shape[1]
     if use_dn:
       info, group = dn_layout(targets['valid'], m.dn.num)
+      noise = targets.get('dn_noise')  # a DnNoise given with the targets (parity tests), else drawn here
+      if noise is None:
+        noise = draw_dn_noise(self.make_rng('dn'), info.positive.shape, m.num_classes, m.dn.noise_scale)
       dn_content, dn_anchor = dn_queries(
-        self.make_rng('dn'), targets['labels'], targets['boxes'], info, m.num_classes, m.dn.noise_scale, self.label_enc
+        noise, targets['labels'], targets['boxes'], info, m.dn.noise_scale, self.label_enc
       )
       tgt = jnp.concatenate([dn_content, tgt], 1)
       refpoint = jnp.concatenate([dn_anchor, refpoint], 1)
@@ -229,7 +232,8 @@ class DIMaskDINO(nn.Module):
   """images uint8/float (B, H, W, 3) RGB 0-255 -> Predictions.
 
   `image_hw` (B, 2), when given, zeroes the normalized pixels outside each image (the official ImageList pads
-  with 0 after normalization). `targets` (dict with 'boxes', 'labels', 'valid') feed DN in training; `train`
+  with 0 after normalization). `targets` (dict with 'boxes', 'labels', 'valid', optionally 'dn_noise': a
+  denoising.DnNoise used instead of drawing the DN noise) feed DN in training; `train`
   selects DN and all-layer masks; rng collection 'dn' is needed when DN runs.
   """
 
