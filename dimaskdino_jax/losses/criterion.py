@@ -295,7 +295,28 @@ def _draw_uniforms(rng, shapes):
   return out
 
 
-def compute_losses(predictions, targets, rng, config, num_masks_override=None):
+def _given_uniforms(given, match_shapes, loss_points, sets, predictions, loss_cfg):
+  """Checks the `uniforms` given to compute_losses: every needed entry present with its shape."""
+  want = dict(match_shapes)
+  if loss_points:
+    d = num_uniform_draws(loss_cfg)
+    for name, (head, with_masks) in sets.items():
+      if with_masks:
+        want['loss_' + name] = (*head.logits.shape[:-3], head.logits.shape[-3], -1, d, 2)
+    if predictions.dn is not None and predictions.dn_info is not None:
+      want['loss_dn'] = (-1, *predictions.dn.logits.shape[-3:-1], d, 2)
+  out = {}
+  for key, shape in want.items():
+    if key not in given:
+      raise ValueError(f'compute_losses: uniforms has no {key!r} (expected shape {shape}, -1 = any)')
+    value = jnp.asarray(given[key], jnp.float32)
+    if len(value.shape) != len(shape) or any(w not in (-1, g) for g, w in zip(value.shape, shape)):
+      raise ValueError(f'compute_losses: uniforms[{key!r}] has shape {value.shape}, expected {shape} (-1 = any)')
+    out[key] = value
+  return out
+
+
+def compute_losses(predictions, targets, rng, config, num_masks_override=None, uniforms=None):
   """All training losses of one step (the official `SetCriterion.forward` plus the DI `oldm` terms).
 
   predictions: modeling.outputs.Predictions (layers (N, B, Q, ...), interm (B, K, ...), di_aux (T, B, K, ...)
@@ -306,6 +327,11 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
   config: the experiment config; reads config.loss.* and config.matcher.*.
   num_masks_override: hook for data parallelism: the normalizer to use instead of the local count of valid GT
     (e.g. the all-reduced count divided by the number of devices, as the official code does). Clamped >= 1.
+  uniforms: instead of drawing them from rng, the uniform values of every point sampling (the parity tests give
+    the official code's recorded draws): {'match_<set>': (..., B, P, 2) the matcher's points,
+    'loss_<set>': (..., B, G, D, 2) the loss points of each GT's pair, 'loss_dn': (N_dn, B, S, D, 2) those of each
+    DN slot}, sets 'final', 'aux', 'interm' (leading dims as the set's predictions; D = num_uniform_draws).
+    The mask losses are then taken per set (vmapped), not in the `looped_mask_loss_sums` loop.
   Returns (total, terms): the weighted sum and a dict of scalar terms named as in the official code.
   """
   lc, mc = config.loss, config.matcher
@@ -353,14 +379,17 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None):
     targets['mask_points'] = gt_at_pixel_centers(targets['masks'], hm, wm)  # (B, G, Hm * Wm)
   # Point-sampled mask losses: taken in a loop over the stacked sets (`looped_mask_loss_sums`), their points drawn
   # there from k_loss; the dense ones (and all class / box terms) vmapped over each set's stack below.
-  looped = use_masks and not dense_loss
+  looped = use_masks and not dense_loss and uniforms is None
   if looped:
     rng, k_loss = jax.random.split(rng)
   shapes = {}
   for name, (head, with_masks) in sets.items():
     if with_masks and not dense_match:
       shapes['match_' + name] = (*head.logits.shape[:-2], int(mc.num_points), 2)  # (..., B, P, 2)
-  uniforms = _draw_uniforms(rng, shapes) if shapes else {}
+  if uniforms is not None:
+    uniforms = _given_uniforms(uniforms, shapes, use_masks and not dense_loss, sets, predictions, lc)
+  else:
+    uniforms = _draw_uniforms(rng, shapes) if shapes else {}
   if use_masks and dense_loss:
     uniforms.update({'loss_' + name: DENSE for name, (_, with_masks) in sets.items() if with_masks})
     uniforms['loss_dn'] = DENSE

@@ -6,6 +6,8 @@ always has S = `dn.num` slots; `groups = S // max_gt` and `max_gt` are traced va
 no loss, so the active slots and the matching queries compute exactly what the official code computes.
 """
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -59,26 +61,48 @@ def dn_attention_mask(group, num_queries):
   return blocked
 
 
-def dn_queries(rng, labels, boxes, info, num_classes, noise_scale, label_enc):
+class DnNoise(NamedTuple):
+  """The random draws behind the DN queries, in the (B, S) slot layout of `dn_layout` (values at non-positive
+  slots are ignored).
+
+  flip:    (B, S) bool, True where the label is replaced (the official `p < noise_scale / 2`).
+  classes: (B, S) int32 in [0, C), the replacement class where `flip` (the official `randint(0, C)`).
+  box:     (B, S, 4) float32 in [-1, 1], the box noise direction (the official `rand * 2 - 1`).
+  """
+
+  flip: Any
+  classes: Any
+  box: Any
+
+
+def draw_dn_noise(rng, shape, num_classes, noise_scale):
+  """The DN noise of normal training, drawn with JAX's RNG for slots of `shape` (B, S) -> DnNoise.
+
+  One uniform draw (B, S, 6) for everything (each separate threefry call adds compile time on XLA:CPU):
+  [..., 0] label flip, [..., 1] replacement class, [..., 2:6] box noise.
+  """
+  u = jax.random.uniform(rng, (*shape, 6))
+  flip = u[..., 0] < noise_scale * 0.5
+  classes = jnp.minimum((u[..., 1] * num_classes).astype(jnp.int32), num_classes - 1)
+  return DnNoise(flip, classes, u[..., 2:] * 2.0 - 1.0)
+
+
+def dn_queries(noise, labels, boxes, info, noise_scale, label_enc):
   """Noised DN content and anchors.
 
-  labels (B, G) int, boxes (B, G, 4) cxcywh, info from dn_layout, label_enc: callable (B, S) int -> (B, S, d).
-  Label noise: with probability noise_scale / 2 a uniformly random class. Box noise with u ~ U[-1, 1]:
+  noise: DnNoise (B, S, ...) (`draw_dn_noise` in training; the official code's recorded draws in the parity
+  tests). labels (B, G) int, boxes (B, G, 4) cxcywh, info from dn_layout, label_enc: callable (B, S) int -> (B, S, d).
+  Label noise: where noise.flip, noise.classes. Box noise with u = noise.box in [-1, 1]:
   centre += u * wh / 2 * scale, wh += u * wh * scale, clamp to [0, 1]. Non-positive slots: content 0, anchor 0.
   Returns content (B, S, d), anchors (B, S, 4) in logit space.
   """
   t = info.gt_index  # (B, S)
   lab = jnp.take_along_axis(labels, t, axis=1)  # (B, S)
   box = jnp.take_along_axis(boxes, t[..., None], axis=1)  # (B, S, 4)
-  # One draw for everything (each separate threefry call adds compile time on XLA:CPU):
-  # [:, :, 0] label flip, [:, :, 1] random class, [:, :, 2:6] box noise.
-  u = jax.random.uniform(rng, (*lab.shape, 6))
-  flip = u[..., 0] < noise_scale * 0.5
-  rand_cls = jnp.minimum((u[..., 1] * num_classes).astype(jnp.int32), num_classes - 1)
-  lab = jnp.where(flip, rand_cls, lab)
+  lab = jnp.where(noise.flip, noise.classes, lab)
   if noise_scale > 0:
     diff = jnp.concatenate([box[..., 2:] / 2, box[..., 2:]], -1)  # (B, S, 4)
-    box = jnp.clip(box + (u[..., 2:] * 2.0 - 1.0) * diff * noise_scale, 0.0, 1.0)
+    box = jnp.clip(box + noise.box * diff * noise_scale, 0.0, 1.0)
   pos = info.positive[..., None]
   content = jnp.where(pos, label_enc(lab), 0.0)
   anchors = jnp.where(pos, inverse_sigmoid(box), 0.0)

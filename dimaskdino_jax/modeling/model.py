@@ -25,7 +25,7 @@ from dimaskdino_jax.modeling.backbone import ResNet
 from dimaskdino_jax.modeling.bato import BATO
 from dimaskdino_jax.modeling.de_imbalance import DeImbalanceStage, ResidualCrossAttention
 from dimaskdino_jax.modeling.decoder import DecoderLayer
-from dimaskdino_jax.modeling.denoising import dn_attention_mask, dn_layout, dn_queries
+from dimaskdino_jax.modeling.denoising import dn_attention_mask, dn_layout, dn_queries, draw_dn_noise
 from dimaskdino_jax.modeling.encoder import PixelDecoder, flatten_levels, resize_bilinear
 from dimaskdino_jax.modeling.layers import MLP, c2_xavier_fill, conv_padding, torch_linear_bias_init, xavier_uniform
 from dimaskdino_jax.modeling.outputs import DenoisingInfo, HeadOutputs, Predictions
@@ -133,7 +133,7 @@ class Predictor(nn.Module):
   # ------------------------------------------------------------------------------------------- forward
   def __call__(self, multi_scale, mask_features, targets=None, train=False, all_layer_masks=False):
     """The paper's Figure 2. multi_scale: the encoder's maps [(B, H/8, W/8, d), ..., (B, H/64, W/64, d)];
-    mask_features F (B, Hm, Wm, d); targets (dict 'boxes', 'labels', 'valid') feed the DN queries when `train`.
+    mask_features F (B, Hm, Wm, d); targets (dict 'boxes', 'labels', 'valid', optionally 'dn_noise': a DnNoise) feed the DN queries when `train`.
     """
     selection_ks = tuple(self.cfg.di.selection_ks)
     extras = {}  # intermediate tensors for analysis and the parity tests
@@ -277,12 +277,14 @@ class Predictor(nn.Module):
         self.label_enc(jnp.zeros((1,), jnp.int32))  # create the DN embedding even when init runs without DN
       return DenoisingQueries(content, anchors, None, None, 0)
     info, group = dn_layout(targets['valid'], model.dn.num)
+    noise = targets.get('dn_noise')  # explicit noise (DnNoise), e.g. the official code's draws in the parity test
+    if noise is None:
+      noise = draw_dn_noise(self.make_rng('dn'), info.positive.shape, model.num_classes, model.dn.noise_scale)
     dn_content, dn_anchors = dn_queries(
-      self.make_rng('dn'),
+      noise,
       targets['labels'],
       targets['boxes'],
       info,
-      model.num_classes,
       model.dn.noise_scale,
       self.label_enc,
     )

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimaskdino_jax.modeling.denoising import dn_attention_mask, dn_layout, dn_queries
+from dimaskdino_jax.modeling.denoising import dn_attention_mask, dn_layout, dn_queries, draw_dn_noise
 
 
 def official_mask(pad_size, single_pad, num_queries):
@@ -62,7 +62,9 @@ def test_dn_queries_noise_free_and_padding():
   boxes = jnp.array([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.4], [0, 0, 0, 0]], [[0.2, 0.8, 0.2, 0.2]] * 3])
   info, _ = dn_layout(valid, 5)  # max_gt 2 -> 2 groups, pad 4, slot 4 inactive
   table = jnp.arange(3 * 4, dtype=jnp.float32).reshape(3, 4)
-  content, anchors = dn_queries(jax.random.key(0), labels, boxes, info, 3, 0.0, lambda i: table[i])
+  content, anchors = dn_queries(
+    draw_dn_noise(jax.random.key(0), info.positive.shape, 3, 0.0), labels, boxes, info, 0.0, lambda i: table[i]
+  )
   sig = jax.nn.sigmoid(anchors)
   # image 0: slots 0,2 -> GT0, 1,3 -> GT1; image 1: slots 0,2 -> GT0, slots 1,3 unused, 4 inactive
   np.testing.assert_allclose(content[0, 0], table[1])
@@ -77,7 +79,12 @@ def test_box_noise_bounds():
   boxes = jnp.array([[[0.5, 0.5, 0.2, 0.4]] * 4])
   info, _ = dn_layout(valid, 100)
   _, anchors = dn_queries(
-    jax.random.key(3), jnp.zeros((1, 4), jnp.int32), boxes, info, 5, 0.4, lambda i: i[..., None] * 1.0
+    draw_dn_noise(jax.random.key(3), info.positive.shape, 5, 0.4),
+    jnp.zeros((1, 4), jnp.int32),
+    boxes,
+    info,
+    0.4,
+    lambda i: i[..., None] * 1.0,
   )
   b = np.asarray(jax.nn.sigmoid(anchors))[0][np.asarray(info.positive[0])]
   # centre moves at most wh/2 * 0.4, size at most wh * 0.4
