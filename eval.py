@@ -55,7 +55,7 @@ def default_out_dir(args, step_dir: str) -> str:
   raise SystemExit(f'error: cannot tell the workdir of {step_dir}; pass --out DIR')
 
 
-def restore_newest(evaluator, config, args, verbose=True, attempts=3):
+def restore_newest(checkpoints, config, args, verbose=True, attempts=3):
   """(step_dir, step, variables) of the checkpoint to evaluate; safe on the workdir of a live training run.
 
   Only complete checkpoints are listed (orbax renames `<step>.orbax-checkpoint-tmp` to `<step>` when a write is
@@ -64,11 +64,11 @@ def restore_newest(evaluator, config, args, verbose=True, attempts=3):
   """
   for attempt in range(attempts):
     try:
-      step_dir, step = evaluator.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
+      step_dir, step = checkpoints.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
     except FileNotFoundError as e:
       raise SystemExit(f'error: {e}') from None
     try:
-      return step_dir, step, evaluator.restore_variables(config, step_dir)
+      return step_dir, step, checkpoints.restore_variables(config, step_dir)
     except Exception as e:  # the step may have been deleted mid-read: decided below, else re-raised
       if not os.path.isdir(step_dir) and attempt + 1 < attempts:
         if verbose:
@@ -92,8 +92,9 @@ def main(argv=None) -> dict:
     raise SystemExit(f'error: {e}') from None
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
   from dimaskdino_jax.evaluation import evaluator
+  from dimaskdino_jax.training import checkpoint as checkpoints
 
-  step_dir, step, variables = restore_newest(evaluator, config, args, verbose=not args.quiet)
+  step_dir, step, variables = restore_newest(checkpoints, config, args, verbose=not args.quiet)
   out_dir = default_out_dir(args, step_dir)
   if jax.process_index() == 0:
     ensure_shapes_dataset(config, verbose=not args.quiet)

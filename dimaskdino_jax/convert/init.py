@@ -12,6 +12,8 @@ Both apply only when the run starts from scratch: resuming from WORKDIR's own ch
 import jax
 import jax.numpy as jnp
 
+from dimaskdino_jax.training.checkpoint import resolve_checkpoint, restore_variables
+
 
 def _like(new, old):
   """`new` (numpy tree) with the dtypes (and shardings, when placed) of `old`."""
@@ -29,8 +31,6 @@ def load_initial_weights(config, state, verbose=True):
   init_ckpt = str(config.train.get('init_checkpoint', '') or '')
   weights = str(config.model.backbone.get('weights', '') or '')
   if init_ckpt:
-    from dimaskdino_jax.evaluation.evaluator import resolve_checkpoint, restore_variables
-
     step_dir, _ = resolve_checkpoint(checkpoint=init_ckpt)
     variables = restore_variables(config, step_dir)
     state = {

@@ -19,9 +19,8 @@ metrics.json: {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...
 JSON extension `NaN`, which Python's json reads). "segm" is left out when config.loss.mask_losses is False or the
 ground truth has no segmentations.
 
-Checkpoints: `resolve_checkpoint` finds a step directory (latest in a workdir, or an explicit path) and
-`restore_variables` restores only the model variables ('params', 'frozen_bn') of a training state saved by
-training/checkpoint.py (orbax partial restore: the optimizer state is never read).
+Checkpoints are found and read by training/checkpoint.py (`resolve_checkpoint`, `restore_variables`), which every
+reader of a checkpoint (this module's callers, the trainer, the converter) imports from below.
 
 Several local devices: each batch is split over them when the batch size divides. Several processes (multi-host,
 jax.distributed): each process evaluates its own share of the images (`EvalLoader` sharded by process) on its local
@@ -40,7 +39,6 @@ import time
 
 import jax
 import numpy as np
-from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -366,102 +364,3 @@ def check_metrics(metrics) -> None:
         v = g[t][name]
         if not isinstance(v, float) or not (math.isnan(v) or 0.0 <= v <= 100.0):
           raise ValueError(f'{t} {name} = {v!r} is not a percentage')
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def resolve_checkpoint(workdir: str | None = None, checkpoint: str | None = None) -> tuple[str, int]:
-  """The step directory to evaluate and its step: the newest complete checkpoint of WORKDIR/checkpoints, or
-  `checkpoint`, which may be a step directory (holding 'state'), a checkpoints directory or a workdir (newest step).
-
-  Raises FileNotFoundError naming the directory when there is no checkpoint.
-  """
-  from dimaskdino_jax.training.checkpoint import CHECKPOINT_DIR  # lazy: training imports the evaluator
-
-  if (workdir is None) == (checkpoint is None):
-    raise ValueError('give exactly one of workdir and checkpoint')
-  path = os.path.abspath(os.fspath(checkpoint if checkpoint is not None else workdir))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'{path}: no such directory')
-  if checkpoint is not None and os.path.isdir(os.path.join(path, 'state')):
-    name = os.path.basename(path)
-    if not name.isdigit():
-      raise FileNotFoundError(f'{path}: a step directory must be named by its step (like checkpoints/1800)')
-    return path, int(name)
-  ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
-  if workdir is not None or os.path.isdir(ckpt_dir):
-    directory = ckpt_dir
-  else:
-    directory = path  # a checkpoints directory itself
-  steps = []
-  if os.path.isdir(directory):
-    # Complete checkpoints only: orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames when done.
-    steps = sorted(
-      int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n, 'state'))
-    )
-  if not steps:
-    raise FileNotFoundError(
-      f'{directory}: no checkpoint found (expected step directories like {directory}/1800/state); train first '
-      'with train.py --workdir, or pass --checkpoint pointing at a step directory'
-    )
-  return os.path.join(directory, str(steps[-1])), steps[-1]
-
-
-def restore_for_cli(config, workdir=None, checkpoint=None):
-  """(step_dir, step, variables) of the latest checkpoint in WORKDIR or of CHECKPOINT, for the command-line tools:
-  a missing checkpoint or one of another model exits with the error message instead of a traceback."""
-  try:
-    step_dir, step = resolve_checkpoint(workdir=workdir, checkpoint=checkpoint)
-    return step_dir, step, restore_variables(config, step_dir)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
-
-
-def restore_variables(config, step_dir: str) -> dict:
-  """{'params': ..., 'frozen_bn': ...} of the model of `config`, restored from STEP_DIR/state (partial restore).
-
-  The checkpoint's tree is checked against the model first: a missing or extra variable, or one whose shape
-  differs, raises ValueError (CheckpointMismatchError) naming the checkpoint, the differences and the fields of the
-  run's saved config.json that differ from `config` (usually a config that does not match the run that wrote it).
-  The item is read with orbax's PyTree handler directly: the step-level metadata (`STEP/_CHECKPOINT_METADATA`,
-  written by the trainer's CheckpointManager beside the items) is not looked for inside `state/`.
-  """
-  import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-
-  from dimaskdino_jax.modeling.model import build_model
-  from dimaskdino_jax.training.checkpoint import (
-    CheckpointMismatchError,
-    abstract_state,
-    mismatch_message,
-    read_saved_config,
-    tree_differences,
-  )
-
-  state_dir = os.path.join(os.path.abspath(step_dir), 'state')
-  if not os.path.isdir(state_dir):
-    raise FileNotFoundError(f'{state_dir}: not a checkpoint step directory (no state/ item)')
-  model = build_model(config)
-  size = tuple(int(v) for v in config.data.eval_canvases[0]) if config.data.eval_canvases else (64, 64)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *size, 3), jnp.uint8))
-  shapes = {name: tree for name, tree in shapes.items() if name in ('params', 'frozen_bn')}
-
-  handler = ocp.PyTreeCheckpointHandler()
-  stored = handler.metadata(epath.Path(state_dir)).tree
-  problems = []
-  for name, tree in shapes.items():
-    if name not in stored:
-      problems.append(f'collection {name!r} missing (the checkpoint has {sorted(stored)})')
-      continue
-    problems += tree_differences(tree, stored[name], prefix=f'{name}/')
-  if problems:
-    workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
-    raise CheckpointMismatchError(mismatch_message(state_dir, problems, read_saved_config(workdir), config))
-  abstract = abstract_state(shapes)
-  restored = handler.restore(
-    epath.Path(state_dir),
-    args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
-    ),
-  )
-  handler.close()
-  return {name: restored[name] for name in shapes}
