@@ -31,7 +31,7 @@ ALLOWED = {
   'data': {'base', 'data'},
   'checkpoints': {'base', 'kernels', 'modeling', 'checkpoints'},
   'evaluation': {'base', 'kernels', 'modeling', 'data', 'checkpoints', 'evaluation'},
-  'convert': {'base', 'kernels', 'modeling', 'checkpoints', 'convert'},
+  'convert': {'base', 'kernels', 'modeling', 'data', 'checkpoints', 'convert'},
   'training': {'base', 'kernels', 'modeling', 'losses', 'data', 'checkpoints', 'evaluation', 'convert', 'training'},
 }
 

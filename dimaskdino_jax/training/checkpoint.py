@@ -53,6 +53,7 @@ from dimaskdino_jax.modeling.model import build_model
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = 'checkpoints'
+BEST_DIR = 'best'  # WORKDIR/best/STEP: the best checkpoint of the evaluation during training
 CONFIG_FILE = 'config.json'
 SAVE_DELAY_ENV = 'DIMASKDINO_TEST_SAVE_DELAY'
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
@@ -304,11 +305,21 @@ class Checkpointer:
 
   workdir: the run directory. config: the ml_collections config (its `train.keep_checkpoints` is K unless
   `max_to_keep` is given; it is written to WORKDIR/config.json by process 0). async_save: orbax's asynchronous saving.
+  subdir: the directory under WORKDIR (BEST_DIR for the best checkpoint of the evaluation during training).
+  write_config: False leaves WORKDIR/config.json alone (a second Checkpointer of the same run).
   """
 
-  def __init__(self, workdir, config=None, max_to_keep: int | None = None, async_save: bool = True):
+  def __init__(
+    self,
+    workdir,
+    config=None,
+    max_to_keep: int | None = None,
+    async_save: bool = True,
+    subdir: str = CHECKPOINT_DIR,
+    write_config: bool = True,
+  ):
     self.workdir = os.fspath(workdir)
-    self.directory = os.path.join(os.path.abspath(self.workdir), CHECKPOINT_DIR)
+    self.directory = os.path.join(os.path.abspath(self.workdir), subdir)
     if max_to_keep is None:
       max_to_keep = int(config.train.keep_checkpoints) if config is not None else None
     self.config_name = str(config.get('name', '')) if config is not None else ''
@@ -319,7 +330,7 @@ class Checkpointer:
     self.saved_config = read_saved_config(self.workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-    if config is not None and not self.all_steps():
+    if write_config and config is not None and not self.all_steps():
       self.save_config(config)
 
   def save_config(self, config):
@@ -534,3 +545,36 @@ def restore_variables(config, step_dir: str) -> dict:
   )
   handler.close()
   return {name: restored[name] for name in shapes}
+
+
+def restore_stored_variables(step_dir: str) -> dict:
+  """{'params': ..., 'frozen_bn': ...} of STEP_DIR/state as stored (its own tree and shapes, host numpy arrays),
+  whatever model wrote it: the input of a partial load (convert/init.py). The optimizer state is never read."""
+  state_dir = os.path.join(os.path.abspath(step_dir), 'state')
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f'{state_dir}: not a checkpoint step directory (no state/ item)')
+  handler = ocp.PyTreeCheckpointHandler()
+  stored = handler.metadata(epath.Path(state_dir)).tree
+  wanted = {name: stored[name] for name in ('params', 'frozen_bn') if name in stored}
+  if 'params' not in wanted:
+    raise FileNotFoundError(f'{state_dir}: holds no params (items {sorted(stored)})')
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated_sharding()),
+    wanted,
+    is_leaf=_is_leaf_record,
+  )
+  restored = handler.restore(
+    epath.Path(state_dir),
+    args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+    ),
+  )
+  handler.close()
+  return jax.tree.map(lambda x: np.asarray(_local_copy(x)), restored)
+
+
+def _local_copy(x):
+  """A replicated array spanning other processes' devices -> this process's copy (host numpy)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_shards[0].data)
+  return np.asarray(x)
