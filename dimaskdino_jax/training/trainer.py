@@ -33,7 +33,7 @@ import optax
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
-from dimaskdino_jax.convert.init import load_initial_weights
+from dimaskdino_jax.convert.init import check_initial_weights, load_initial_weights
 from dimaskdino_jax.losses.criterion import compute_losses
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
@@ -44,6 +44,7 @@ from dimaskdino_jax.training.checkpoint import (
   check_workdir,
   state_nbytes,
 )
+from dimaskdino_jax.training.periodic_eval import PeriodicEvaluation, check_eval_split
 from dimaskdino_jax.training.writers import MetricWriter, ProgressBar
 
 log = logging.getLogger(__name__)
@@ -420,50 +421,77 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
   """Trains `config` in `workdir` until config.train.num_steps; returns the final state (host arrays).
 
   The steps: `prepare_run` (workdir, mesh, model, data, optimizer) -> `restore_or_initialize` -> `describe_run` ->
-  the loop (`run_steps`: step, NaN guard, interval logs, checkpoints).
+  the loop (`run_steps`: step, NaN guard, interval logs, evaluation, checkpoints).
   Raises TrainingInterrupted (SIGTERM / SIGINT, after saving), NonFiniteError (too many consecutive non-finite
-  updates), CheckpointError (unwritable workdir, full disk) or CheckpointMismatchError (a checkpoint of another
-  model in WORKDIR).
+  updates), CheckpointError (unwritable workdir, full disk), CheckpointMismatchError (a checkpoint of another
+  model in WORKDIR) or ConfigError (an init checkpoint, class map or eval split that cannot work; before any step).
   """
   setup = prepare_run(config, workdir, data_iterator)
   ckpt = Checkpointer(workdir, config)
-  state, _ = restore_or_initialize(setup, ckpt, verbose)
+  try:  # bad input is reported before anything compiles
+    if ckpt.latest_step() is None:  # a fresh run: its init checkpoint and class map
+      check_initial_weights(config)
+    if config.train.get('eval_every', 0):
+      check_eval_split(config)
+  except BaseException:
+    ckpt.close()
+    raise
+  state, meta = restore_or_initialize(setup, ckpt, verbose)
   describe_run(setup, state, verbose)
-  step_fn = compiled_train_step(config, setup.model, setup.tx, setup.mesh)
   logs = IntervalLog(config, workdir, int(state['step']), verbose)
+  try:
+    periodic = PeriodicEvaluation(config, workdir, logs.writer, meta, verbose=verbose)
+  except BaseException:
+    logs.close()
+    ckpt.close()
+    raise
+  step_fn = compiled_train_step(config, setup.model, setup.tx, setup.mesh)
   stop = _StopSignals().install()
   try:
-    state = run_steps(setup, step_fn, state, ckpt, logs, stop)
+    state = run_steps(setup, step_fn, state, ckpt, logs, stop, periodic)
     ckpt.wait_until_finished()
+    periodic.wait_until_finished()
     if verbose:
       logs.data_counts.report()
   except BaseException:
     stop.uninstall()
     logs.close()
     try:
+      periodic.close()
       ckpt.close()
     except Exception as e:  # the error in flight is the one to report
       log.warning('closing the checkpointer after an error: %s', e)
     raise
   stop.uninstall()
   logs.close()
+  periodic.close()
   ckpt.close()
   return state
 
 
-def run_steps(setup: RunSetup, step_fn, state, ckpt: Checkpointer, logs: IntervalLog, stop: _StopSignals):
+def run_steps(
+  setup: RunSetup,
+  step_fn,
+  state,
+  ckpt: Checkpointer,
+  logs: IntervalLog,
+  stop: _StopSignals,
+  periodic: PeriodicEvaluation | None = None,
+):
   """The training loop from state['step'] to config.train.num_steps; returns the final state.
 
   Per step: the signal check (save and raise TrainingInterrupted), the next batch, the jitted step, one device ->
-  host transfer of its scalars, the NaN guard, the interval log and the periodic checkpoint. The data state saved
+  host transfer of its scalars, the NaN guard, the interval log, the evaluation when due (periodic_eval.py: it only
+  reads the params) and the periodic checkpoint (with the best evaluation so far in its meta). The data state saved
   with a checkpoint is the state after the batches consumed so far: the next batch is fetched only after saving.
   """
   t, it = setup.config.train, setup.iterator
   guard = NonFiniteGuard(t.max_consecutive_nonfinite)
   step = int(state['step'])
+  meta = periodic.checkpoint_meta if periodic is not None else dict
   while step < t.num_steps:
     if stop.signum is not None:
-      ckpt.save(step, state, data=it)
+      ckpt.save(step, state, data=it, metrics=meta())
       ckpt.wait_until_finished()
       raise TrainingInterrupted(stop.signum, step, ckpt.directory)
     batch = next(it)
@@ -475,9 +503,11 @@ def run_steps(setup: RunSetup, step_fn, state, ckpt: Checkpointer, logs: Interva
     consecutive = int(consecutive)
     guard.check(step, scalars, consecutive, ckpt)
     logs.add(step, scalars, state)
+    if periodic is not None and periodic.due(step):
+      periodic.run(step, state)
     # No periodic checkpoint in a streak of skipped updates: the last good checkpoint stays the newest.
     if (step % t.checkpoint_every == 0 and not consecutive) or step == t.num_steps:
-      ckpt.save(step, state, data=it)
+      ckpt.save(step, state, data=it, metrics=meta())
   return state
 
 
