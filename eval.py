@@ -6,8 +6,10 @@ r"""Evaluate a DI-MaskDINO checkpoint with COCO bbox / segm AP.
       --out runs/shapes/eval_exact --config.eval.batch_size=4
 
 --workdir evaluates the newest complete checkpoint in WORKDIR/checkpoints; --checkpoint takes a step directory
-(or a checkpoints directory / workdir: its newest step). Metrics go to OUT/metrics.json (default WORKDIR/eval; for
---checkpoint the workdir holding its checkpoints/ directory) with a grid of a few predictions in OUT/predictions.png.
+(or a checkpoints directory / workdir: its newest step); `--workdir WORKDIR --checkpoint best` evaluates the best
+checkpoint kept by the evaluation during training (train.eval_every; WORKDIR/best). Metrics go to OUT/metrics.json
+(default WORKDIR/eval, WORKDIR/eval_best for the best; for --checkpoint the workdir holding its checkpoints/
+directory) with a grid of a few predictions in OUT/predictions.png.
 --per-layer adds OUT/per_layer.png: AP box and AP mask of every decoder layer and the imbalance at the first and the
 final layer (the paper's Fig. 1).
 Several hosts: run the same command on every host with --coordinator_address=HOST0:PORT --num_processes=N
@@ -28,8 +30,37 @@ from dimaskdino_jax.config import checkpoint_cli_parser, parse_config_overrides 
 PER_LAYER_PLOT = 'per_layer.png'  # --per-layer: AP box / AP mask per decoder layer (the paper's Fig. 1)
 
 
+BEST = 'best'  # --checkpoint best: WORKDIR/best (training/periodic_eval.py)
+
+
+def best_checkpoint_argv(argv):
+  """argv with `--workdir W --checkpoint best` turned into `--checkpoint W/best`; `--checkpoint best` needs
+  --workdir."""
+  argv = list(argv)
+
+  def value_of(flag):
+    for i, a in enumerate(argv):
+      if a == flag and i + 1 < len(argv):
+        return i, 2, argv[i + 1]
+      if a.startswith(flag + '='):
+        return i, 1, a.split('=', 1)[1]
+    return None
+
+  ckpt = value_of('--checkpoint')
+  if ckpt is None or ckpt[2] != BEST:
+    return argv
+  workdir = value_of('--workdir')
+  if workdir is None:
+    raise SystemExit('error: --checkpoint best needs --workdir WORKDIR (the run whose WORKDIR/best to evaluate)')
+  path = os.path.join(workdir[2], BEST)
+  for i, n, _ in sorted([ckpt, workdir], reverse=True):
+    del argv[i : i + n]
+  return [*argv, '--checkpoint', path]
+
+
 def parse_args(argv):
   """(argparse namespace, config with --config.a.b overrides applied and validated)."""
+  argv = best_checkpoint_argv(argv)
   parser = checkpoint_cli_parser(__doc__, 'evaluates')
   parser.add_argument('--split', default=None, help='prepared split (default config.data.val_split)')
   parser.add_argument('--mode', default='buckets', choices=('buckets', 'exact'), help='canvas buckets or exact sizes')
@@ -52,10 +83,12 @@ def default_out_dir(args, step_dir: str) -> str:
   parent = os.path.dirname(step_dir)
   if os.path.basename(parent) == 'checkpoints':
     return os.path.join(os.path.dirname(parent), 'eval')
+  if os.path.basename(parent) == BEST:
+    return os.path.join(os.path.dirname(parent), 'eval_best')
   raise SystemExit(f'error: cannot tell the workdir of {step_dir}; pass --out DIR')
 
 
-def restore_newest(evaluator, config, args, verbose=True, attempts=3):
+def restore_newest(checkpoints, config, args, verbose=True, attempts=3):
   """(step_dir, step, variables) of the checkpoint to evaluate; safe on the workdir of a live training run.
 
   Only complete checkpoints are listed (orbax renames `<step>.orbax-checkpoint-tmp` to `<step>` when a write is
@@ -64,11 +97,11 @@ def restore_newest(evaluator, config, args, verbose=True, attempts=3):
   """
   for attempt in range(attempts):
     try:
-      step_dir, step = evaluator.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
+      step_dir, step = checkpoints.resolve_checkpoint(workdir=args.workdir, checkpoint=args.checkpoint)
     except FileNotFoundError as e:
       raise SystemExit(f'error: {e}') from None
     try:
-      return step_dir, step, evaluator.restore_variables(config, step_dir)
+      return step_dir, step, checkpoints.restore_variables(config, step_dir)
     except Exception as e:  # the step may have been deleted mid-read: decided below, else re-raised
       if not os.path.isdir(step_dir) and attempt + 1 < attempts:
         if verbose:
@@ -92,8 +125,9 @@ def main(argv=None) -> dict:
     raise SystemExit(f'error: {e}') from None
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
   from dimaskdino_jax.evaluation import evaluator
+  from dimaskdino_jax.training import checkpoint as checkpoints
 
-  step_dir, step, variables = restore_newest(evaluator, config, args, verbose=not args.quiet)
+  step_dir, step, variables = restore_newest(checkpoints, config, args, verbose=not args.quiet)
   out_dir = default_out_dir(args, step_dir)
   if jax.process_index() == 0:
     ensure_shapes_dataset(config, verbose=not args.quiet)

@@ -31,10 +31,10 @@ def main(argv=None) -> dict:
   parser.add_argument('--quiet', action='store_true', help='no progress bar or summary')
   args, config = parse_config_overrides(parser, sys.argv[1:] if argv is None else argv)
 
-  from dimaskdino_jax.evaluation import evaluator
   from dimaskdino_jax.evaluation.inference import Predictor, class_info, predict_files
+  from dimaskdino_jax.training.checkpoint import restore_for_cli
 
-  step_dir, step, variables = evaluator.restore_for_cli(config, args.workdir, args.checkpoint)
+  step_dir, step, variables = restore_for_cli(config, args.workdir, args.checkpoint)
   names, ids, source = class_info(config)
   if not args.quiet:
     print(f'predicting with {step_dir} (step {step}); classes from {source}', flush=True)

@@ -58,7 +58,7 @@ def main(argv):
   except TrainingInterrupted as e:
     print(f'{e}\nTo resume: python {shlex.join(sys.argv)}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
-  except (NonFiniteError, CheckpointError, CheckpointMismatchError, sharding.MeshError) as e:
+  except (NonFiniteError, CheckpointError, CheckpointMismatchError, sharding.MeshError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 

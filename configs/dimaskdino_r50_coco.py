@@ -141,8 +141,21 @@ def get_config(arg=None):
   t.log_every = 20  # steps between metric lines
   t.checkpoint_every = 5000  # CHECKPOINT_PERIOD
   t.keep_checkpoints = 3  # checkpoints kept in the workdir
-  t.eval_every = 0  # steps between evaluations (0 = only at the end)
+  # Evaluation during training (training/periodic_eval.py): every eval_every steps (0 = off) on data.val_split (its
+  # first eval_max_images; 0 = eval.max_images), AP to metrics.jsonl / TensorBoard, the best checkpoint by best_metric
+  # ('bbox/AP', 'segm/AP50', ...) in WORKDIR/best.
+  t.eval_every = 0
+  t.eval_max_images = 0
+  t.best_metric = 'segm/AP'
   t.init_checkpoint = ''  # fine-tune: start from this checkpoint (e.g. python -m dimaskdino_jax.convert --out)
+  # Loading init_checkpoint: False loads every parameter whose path and shape fit and re-initializes the rest (listed
+  # at start); True stops at any difference.
+  t.init_strict = False
+  # Rows of the checkpoint's class heads kept for this model's classes (convert/init.py): '' none (re-initialized when
+  # the class count differs); 'names': this dataset's category names matched to the checkpoint's; or one
+  # comma-separated entry per class of this model: the checkpoint's category name or id, '-' for a new class
+  # (e.g. 'person,3,-').
+  t.init_class_map = ''
   # Parameters trained: 'all', or 'mask_branch' (Mask Frozen-DETR mode: the detector is frozen, only the mask
   # features, mask_embed and BATO's mask-feature update train; training/partition.py). Usually with init_checkpoint.
   t.trainable = 'all'

@@ -67,6 +67,7 @@ def validate(config, source='<config>') -> None:
   _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
   _validate_mesh(config, source)
   _validate_losses(config, source)
+  validate_finetuning(config, source)
 
 
 def _validate_architecture(model, source) -> None:
@@ -261,6 +262,60 @@ def _validate_losses(config, source) -> None:
   _require(config.matcher.num_points >= 0, source, 'matcher.num_points', 'must be >= 0 (0 = every pixel)')
   _require(0.0 <= loss.importance_sample_ratio <= 1.0, source, 'loss.importance_sample_ratio', 'in [0, 1]')
   _require(loss.oversample_ratio >= 1.0, source, 'loss.oversample_ratio', 'must be >= 1')
+
+
+EVAL_METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')  # evaluation/coco_eval.py METRIC_NAMES
+
+
+def validate_finetuning(config, source='<config>') -> None:
+  """The fine-tuning and evaluation-during-training fields of config.train (absent fields keep their defaults):
+  eval_every, eval_max_images, best_metric, init_strict, init_class_map."""
+  t = config.train
+  eval_every = t.get('eval_every', 0)
+  _require(
+    isinstance(eval_every, int) and eval_every >= 0, source, 'train.eval_every', f'an integer >= 0, got {eval_every!r}'
+  )
+  max_images = t.get('eval_max_images', 0)
+  _require(
+    isinstance(max_images, int) and max_images >= 0,
+    source,
+    'train.eval_max_images',
+    f'an integer >= 0 (0 = eval.max_images), got {max_images!r}',
+  )
+  best = str(t.get('best_metric', 'segm/AP'))
+  kind, _, name = best.partition('/')
+  _require(
+    kind in ('bbox', 'segm') and name in EVAL_METRIC_NAMES,
+    source,
+    'train.best_metric',
+    f'{best!r}: expected bbox/NAME or segm/NAME with NAME one of {", ".join(EVAL_METRIC_NAMES)}',
+  )
+  if eval_every and kind == 'segm':
+    _require(
+      bool(config.loss.get('mask_losses', True)),
+      source,
+      'train.best_metric',
+      f'{best!r} needs masks, but loss.mask_losses is False: use bbox/{name}',
+    )
+  _require(isinstance(t.get('init_strict', False), bool), source, 'train.init_strict', 'must be True or False')
+  class_map = str(t.get('init_class_map', '') or '')
+  if class_map and class_map != 'names':
+    entries = [e.strip() for e in class_map.split(',')]
+    _require(
+      len(entries) == int(config.model.num_classes),
+      source,
+      'train.init_class_map',
+      f'{len(entries)} entries for model.num_classes = {config.model.num_classes}: give one per class (a category '
+      "name or id of the checkpoint, or '-' for a new class), or 'names'",
+    )
+    _require(all(entries), source, 'train.init_class_map', f'{class_map!r} has an empty entry')
+  if class_map:
+    _require(
+      bool(str(t.get('init_checkpoint', '') or '')),
+      source,
+      'train.init_class_map',
+      'maps the classes of train.init_checkpoint, which is not set',
+    )
 
 
 # ------------------------------------------------------------------------------------ command-line overrides

@@ -123,10 +123,10 @@ def main(argv=None) -> str:
   parser.add_argument('--platforms', nargs='+', default=None, help='e.g. cpu cuda (default: the current backend)')
   args, config = parse_config_overrides(parser, sys.argv[1:] if argv is None else argv)
 
-  from dimaskdino_jax.evaluation import evaluator
   from dimaskdino_jax.evaluation.inference import class_info
+  from dimaskdino_jax.training.checkpoint import restore_for_cli
 
-  step_dir, step, variables = evaluator.restore_for_cli(config, args.workdir, args.checkpoint)
+  step_dir, step, variables = restore_for_cli(config, args.workdir, args.checkpoint)
   canvas = tuple(args.canvas) if args.canvas else tuple(int(v) for v in config.data.eval_canvases[0])
   try:
     exported = export_predict(config, variables, canvas, args.batch_size, platforms=args.platforms)

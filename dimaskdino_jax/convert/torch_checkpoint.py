@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from dimaskdino_jax.convert import safe_pickle
+from dimaskdino_jax.training.checkpoint import Checkpointer
 
 PIXEL_DECODER = 'sem_seg_head.pixel_decoder.'
 PREDICTOR = 'sem_seg_head.predictor.'
@@ -418,8 +419,6 @@ def save_variables(out_dir, config, variables, step=0) -> str:
   OUT_DIR/config.json), the layout eval.py (--workdir / --checkpoint) and train.py (train.init_checkpoint) read.
   Returns the step directory."""
   import jax.numpy as jnp
-
-  from dimaskdino_jax.training.checkpoint import Checkpointer
 
   state = {
     'step': jnp.asarray(step, jnp.int32),

@@ -19,9 +19,8 @@ metrics.json: {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...
 JSON extension `NaN`, which Python's json reads). "segm" is left out when config.loss.mask_losses is False or the
 ground truth has no segmentations.
 
-Checkpoints: `resolve_checkpoint` finds a step directory (latest in a workdir, or an explicit path) and
-`restore_variables` restores only the model variables ('params', 'frozen_bn') of a training state saved by
-training/checkpoint.py (orbax partial restore: the optimizer state is never read).
+Checkpoints are found and read by training/checkpoint.py (`resolve_checkpoint`, `restore_variables`), which every
+reader of a checkpoint (this module's callers, the trainer, the converter) imports from below.
 
 Several local devices: each batch is split over them when the batch size divides. Several processes (multi-host,
 jax.distributed): each process evaluates its own share of the images (`EvalLoader` sharded by process) on its local
@@ -40,7 +39,6 @@ import time
 
 import jax
 import numpy as np
-from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -138,6 +136,129 @@ def format_per_layer_table(per_layer) -> str:
   return '\n'.join(lines)
 
 
+class EvalPlan:
+  """What one evaluation reads and computes, built before any prediction (`plan_evaluation`).
+
+  loader: this process's batches; prepared: the split; all_ids: every image of the split (the union of the
+  processes' shares); iou_types: ('bbox', ['segm']); names: the evaluated entries ('final', or 'initial',
+  'decoder_0', ...); evaluators: one COCOEvaluator per entry; predict: the jitted predict function.
+  """
+
+  def __init__(self, loader, all_ids, iou_types, names, evaluators, predict):
+    self.loader, self.prepared, self.all_ids = loader, loader.prepared, all_ids
+    self.iou_types, self.names, self.evaluators, self.predict = iou_types, names, evaluators, predict
+
+
+def plan_evaluation(config, *, split, mode, per_layer, max_images, compiler_options) -> EvalPlan:
+  """Opens the split (this process's share), checks its classes against the model and builds the evaluators and the
+  jitted predict function (compiled once per canvas, shared with earlier calls for the same model)."""
+  from dimaskdino_jax.modeling.model import build_model  # lazy: the only place evaluation touches the model
+
+  procs, me = jax.process_count(), jax.process_index()
+  loader = EvalLoader(config, split=split, mode=mode, max_images=max_images, shard_index=me, shard_count=procs)
+  all_ids = loader.image_ids
+  if procs > 1:  # every image of the split, read from the index only
+    all_ids = EvalLoader(config, split=split, mode=mode, max_images=max_images, prepared=loader.prepared).image_ids
+  if len(all_ids) == 0:
+    raise ValueError(f'{loader.prepared.path}: no images to evaluate')
+  _check_classes(config, loader.prepared)
+  coco_gt = loader.prepared.coco()
+  iou_types = iou_types_for(config, coco_gt)
+  category_ids = [int(c) for c in loader.prepared.label_to_category_id]
+  use_fast = bool(config.eval.get('use_faster_coco_eval', False))
+  k = int(config.eval.detections_per_image)
+  options = tuple(sorted((compiler_options or {}).items()))
+  predict = make_predict_fn(build_model(config), k, 'segm' in iou_types, bool(per_layer), options)
+  names = layer_names(int(config.model.decoder.num_layers) + 1) if per_layer else ['final']
+  evaluators = [COCOEvaluator(coco_gt, category_ids, iou_types, use_faster_coco_eval=use_fast) for _ in names]
+  return EvalPlan(loader, all_ids, iou_types, names, evaluators, predict)
+
+
+def predict_all(plan: EvalPlan, variables, *, num_visualize: int, verbose: bool):
+  """Runs the predict function over this process's batches and feeds every evaluator; returns (undecodable image
+  ids, ids and results of the first `num_visualize` images of the last entry).
+
+  While the device runs batch i + 1, the host post-processes batch i (mask upsampling, crop, threshold, scaling).
+  """
+  place = _Placement()
+  variables = place.variables(_local_copy(variables))
+  evaluators = plan.evaluators
+  vis_ids, vis_results, undecodable = [], [], []
+  show = verbose and jax.process_index() == 0
+  bar = tqdm(total=plan.loader.num_images, unit='img', desc='eval', disable=not show, dynamic_ncols=True)
+
+  def consume(batch, outputs):
+    if 'record_error' in batch:  # val records that could not be decoded (the loader marks them as padding)
+      undecodable.extend(np.asarray(batch['image_id'])[np.asarray(batch['record_error'], bool)].tolist())
+    valid = ~np.asarray(batch['is_padding'], bool)
+    ids = np.asarray(batch['image_id'])[valid]
+    canvas = tuple(batch['image'].shape[1:3])
+    if len(outputs) != len(evaluators):
+      raise AssertionError(f'predict returned {len(outputs)} entries for {len(evaluators)} evaluators')
+    for j, (topk, ev) in enumerate(zip(outputs, evaluators)):
+      results = postprocess_batch(topk, batch['image_hw'], canvas, batch['orig_hw'], valid)
+      for image_id, result in zip(ids, results):
+        ev.add(int(image_id), result)
+        if j == len(evaluators) - 1 and len(vis_ids) < num_visualize:
+          vis_ids.append(int(image_id))
+          vis_results.append(result)
+    bar.update(len(ids))
+
+  pending = None
+  for batch in plan.loader:
+    # Dispatch this batch (asynchronous) before post-processing the previous one on the host.
+    images, image_hw = place.batch(batch['image']), place.batch(np.asarray(batch['image_hw'], np.int32))
+    outputs = plan.predict(variables, images, image_hw)
+    if pending is not None:
+      consume(*pending)
+    pending = (batch, outputs)
+  if pending is not None:
+    consume(*pending)
+  bar.close()
+  return undecodable, (vis_ids, vis_results)
+
+
+def compute_metrics(plan: EvalPlan, undecodable, *, per_layer: bool, verbose: bool) -> dict:
+  """COCO metrics of every evaluated entry (the last one at the top level), image counts and the per-layer list."""
+  layer_metrics = []
+  for j, ev in enumerate(plan.evaluators):
+    layer_metrics.append(ev.evaluate(verbose=verbose and j == len(plan.evaluators) - 1))
+  metrics = dict(layer_metrics[-1])
+  # Undecodable images are left out of the COCO evaluation (their GT too): counted here, never dropped silently.
+  metrics['images'] = {'evaluated': len(plan.all_ids) - len(undecodable), 'undecodable': len(undecodable)}
+  if undecodable:
+    print(
+      f'warning: {len(undecodable)} val images could not be decoded and are not evaluated: ids '
+      f'{sorted(undecodable)[:20]}{" ..." if len(undecodable) > 20 else ""}',
+      flush=True,
+    )
+  if per_layer:
+    metrics['per_layer'] = [{'layer': name, **m} for name, m in zip(plan.names, layer_metrics)]
+    if verbose:
+      print('per-layer AP:\n' + format_per_layer_table(metrics['per_layer']), flush=True)
+  return metrics
+
+
+def write_outputs(plan: EvalPlan, metrics: dict, out_dir: str, visualized, verbose: bool) -> None:
+  """OUT_DIR/metrics.json (written atomically) and OUT_DIR/predictions.png of the visualized images."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, METRICS_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(metrics, f, indent=2)
+  os.replace(path + '.tmp', path)
+  vis_ids, vis_results = visualized
+  if vis_ids:
+    save_prediction_grid(
+      os.path.join(out_dir, PREDICTIONS_FILE),
+      _original_images(plan.prepared, vis_ids),
+      vis_results,
+      plan.prepared.category_names,
+      titles=[f'id {i}' for i in vis_ids],
+    )
+  if verbose:
+    print(f'wrote {path}', flush=True)
+
+
 def evaluate(
   config,
   variables,
@@ -159,123 +280,33 @@ def evaluate(
   nothing. num_visualize: with out_dir, the first N images with their predictions (score >= 0.3) are drawn side by
   side in out_dir/predictions.png. compiler_options: XLA options for the predict function.
   Returns {'bbox': {...}, 'segm': {...}, ['per_layer': [...]]} (see the module docstring).
-  """
-  from dimaskdino_jax.modeling.model import build_model  # lazy: the only place evaluation touches the model
 
+  The steps: `plan_evaluation` -> `predict_all` (this process's images) -> with several processes,
+  `gather_process_shares` (process 0 continues, the others wait for its metrics) -> `compute_metrics` ->
+  `write_outputs` (process 0) -> the metrics shared with every process.
+  """
   procs, me = jax.process_count(), jax.process_index()
   start = time.time()
-  loader = EvalLoader(config, split=split, mode=mode, max_images=max_images, shard_index=me, shard_count=procs)
-  prepared = loader.prepared
-  # Every image of the split (the union of the processes' shares); read from the index only.
-  all_ids = loader.image_ids
-  if procs > 1:
-    all_ids = EvalLoader(config, split=split, mode=mode, max_images=max_images, prepared=prepared).image_ids
-  if len(all_ids) == 0:
-    raise ValueError(f'{prepared.path}: no images to evaluate')
-  _check_classes(config, prepared)
-  coco_gt = prepared.coco()
-  iou_types = iou_types_for(config, coco_gt)
-  category_ids = [int(c) for c in prepared.label_to_category_id]
-  use_fast = bool(config.eval.get('use_faster_coco_eval', False))
-
-  model = build_model(config)
-  k = int(config.eval.detections_per_image)
-  predict = make_predict_fn(
-    model, k, 'segm' in iou_types, bool(per_layer), tuple(sorted((compiler_options or {}).items()))
+  plan = plan_evaluation(
+    config, split=split, mode=mode, per_layer=per_layer, max_images=max_images, compiler_options=compiler_options
   )
-  num_entries = int(config.model.decoder.num_layers) + 1 if per_layer else 1
-  names = layer_names(num_entries) if per_layer else ['final']
-  evaluators = [COCOEvaluator(coco_gt, category_ids, iou_types, use_faster_coco_eval=use_fast) for _ in names]
-
-  place = _Placement()
-  variables = place.variables(_local_copy(variables))
-  vis_ids, vis_results = [], []
   writes = out_dir is not None and me == 0
-  num_visualize = num_visualize if writes else 0
-  bar = tqdm(total=loader.num_images, unit='img', desc='eval', disable=not verbose or me != 0, dynamic_ncols=True)
-
-  undecodable = []  # image ids of val records that could not be decoded (the loader marks them as padding)
-
-  def consume(batch, outputs):
-    if 'record_error' in batch:
-      undecodable.extend(np.asarray(batch['image_id'])[np.asarray(batch['record_error'], bool)].tolist())
-    valid = ~np.asarray(batch['is_padding'], bool)
-    ids = np.asarray(batch['image_id'])[valid]
-    canvas = tuple(batch['image'].shape[1:3])
-    if len(outputs) != len(evaluators):
-      raise AssertionError(f'predict returned {len(outputs)} entries for {len(evaluators)} evaluators')
-    for j, (topk, ev) in enumerate(zip(outputs, evaluators)):
-      results = postprocess_batch(topk, batch['image_hw'], canvas, batch['orig_hw'], valid)
-      for image_id, result in zip(ids, results):
-        ev.add(int(image_id), result)
-        if j == len(evaluators) - 1 and len(vis_ids) < num_visualize:
-          vis_ids.append(int(image_id))
-          vis_results.append(result)
-    bar.update(len(ids))
-
-  pending = None
-  for batch in loader:
-    # Dispatch this batch (asynchronous) before post-processing the previous one on the host.
-    outputs = predict(variables, place.batch(batch['image']), place.batch(np.asarray(batch['image_hw'], np.int32)))
-    if pending is not None:
-      consume(*pending)
-    pending = (batch, outputs)
-  if pending is not None:
-    consume(*pending)
-  bar.close()
+  undecodable, visualized = predict_all(plan, variables, num_visualize=num_visualize if writes else 0, verbose=verbose)
   predict_s = time.time() - start
-
   if procs > 1:
-    local = [{'img_ids': ev.img_ids, 'results': ev.results, 'undecodable': undecodable} for ev in evaluators]
-    shares = gather_to_process0(local)
+    undecodable = gather_process_shares(plan, undecodable)
     if me != 0:  # process 0 evaluates; the others wait for its metrics
       return share_from_process0(None)
-    merged = merge_process_results(shares, all_ids)
-    for ev, share in zip(evaluators, merged):
-      ev.img_ids, ev.results = share['img_ids'], share['results']
-    undecodable = merged[0]['undecodable']
-
-  layer_metrics = []
-  for j, ev in enumerate(evaluators):
-    is_final = j == len(evaluators) - 1
-    layer_metrics.append(ev.evaluate(verbose=verbose and is_final))
-  metrics = dict(layer_metrics[-1])
-  # Undecodable images are left out of the COCO evaluation (their GT too): counted here, never dropped silently.
-  metrics['images'] = {'evaluated': len(all_ids) - len(undecodable), 'undecodable': len(undecodable)}
-  if undecodable:
-    print(
-      f'warning: {len(undecodable)} val images could not be decoded and are not evaluated: ids '
-      f'{sorted(undecodable)[:20]}{" ..." if len(undecodable) > 20 else ""}',
-      flush=True,
-    )
-  if per_layer:
-    metrics['per_layer'] = [{'layer': name, **m} for name, m in zip(names, layer_metrics)]
-    if verbose:
-      print('per-layer AP:\n' + format_per_layer_table(metrics['per_layer']), flush=True)
+  metrics = compute_metrics(plan, undecodable, per_layer=per_layer, verbose=verbose)
   if verbose:
     processes = f' by {procs} processes' if procs > 1 else ''
     print(
-      f'evaluated {len(all_ids)} images of {prepared.name}/{prepared.split}{processes} ({mode}, canvases '
-      f'{loader.canvases}) in {time.time() - start:.1f}s ({predict_s:.1f}s predict + post-process)',
+      f'evaluated {len(plan.all_ids)} images of {plan.prepared.name}/{plan.prepared.split}{processes} ({mode}, '
+      f'canvases {plan.loader.canvases}) in {time.time() - start:.1f}s ({predict_s:.1f}s predict + post-process)',
       flush=True,
     )
-
   if writes:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, METRICS_FILE)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(metrics, f, indent=2)
-    os.replace(path + '.tmp', path)
-    if vis_ids:
-      save_prediction_grid(
-        os.path.join(out_dir, PREDICTIONS_FILE),
-        _original_images(prepared, vis_ids),
-        vis_results,
-        prepared.category_names,
-        titles=[f'id {i}' for i in vis_ids],
-      )
-    if verbose:
-      print(f'wrote {path}', flush=True)
+    write_outputs(plan, metrics, out_dir, visualized, verbose)
   if procs > 1:
     share_from_process0(metrics)
   return metrics
@@ -292,6 +323,20 @@ def _local_copy(tree):
     return x
 
   return jax.tree.map(one, tree)
+
+
+def gather_process_shares(plan: EvalPlan, undecodable: list) -> list | None:
+  """Several processes: every process's per-image results (and undecodable ids) go to process 0, which checks that
+  each image of the split was evaluated exactly once and puts the merged results into its evaluators. Returns the
+  merged undecodable ids on process 0, None elsewhere. A collective: every process calls it."""
+  local = [{'img_ids': ev.img_ids, 'results': ev.results, 'undecodable': undecodable} for ev in plan.evaluators]
+  shares = gather_to_process0(local)
+  if jax.process_index() != 0:
+    return None
+  merged = merge_process_results(shares, plan.all_ids)
+  for ev, share in zip(plan.evaluators, merged):
+    ev.img_ids, ev.results = share['img_ids'], share['results']
+  return merged[0]['undecodable']
 
 
 def _allgather_bytes(payload: bytes) -> list[bytes]:
@@ -366,102 +411,3 @@ def check_metrics(metrics) -> None:
         v = g[t][name]
         if not isinstance(v, float) or not (math.isnan(v) or 0.0 <= v <= 100.0):
           raise ValueError(f'{t} {name} = {v!r} is not a percentage')
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def resolve_checkpoint(workdir: str | None = None, checkpoint: str | None = None) -> tuple[str, int]:
-  """The step directory to evaluate and its step: the newest complete checkpoint of WORKDIR/checkpoints, or
-  `checkpoint`, which may be a step directory (holding 'state'), a checkpoints directory or a workdir (newest step).
-
-  Raises FileNotFoundError naming the directory when there is no checkpoint.
-  """
-  from dimaskdino_jax.training.checkpoint import CHECKPOINT_DIR  # lazy: training imports the evaluator
-
-  if (workdir is None) == (checkpoint is None):
-    raise ValueError('give exactly one of workdir and checkpoint')
-  path = os.path.abspath(os.fspath(checkpoint if checkpoint is not None else workdir))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'{path}: no such directory')
-  if checkpoint is not None and os.path.isdir(os.path.join(path, 'state')):
-    name = os.path.basename(path)
-    if not name.isdigit():
-      raise FileNotFoundError(f'{path}: a step directory must be named by its step (like checkpoints/1800)')
-    return path, int(name)
-  ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
-  if workdir is not None or os.path.isdir(ckpt_dir):
-    directory = ckpt_dir
-  else:
-    directory = path  # a checkpoints directory itself
-  steps = []
-  if os.path.isdir(directory):
-    # Complete checkpoints only: orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames when done.
-    steps = sorted(
-      int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n, 'state'))
-    )
-  if not steps:
-    raise FileNotFoundError(
-      f'{directory}: no checkpoint found (expected step directories like {directory}/1800/state); train first '
-      'with train.py --workdir, or pass --checkpoint pointing at a step directory'
-    )
-  return os.path.join(directory, str(steps[-1])), steps[-1]
-
-
-def restore_for_cli(config, workdir=None, checkpoint=None):
-  """(step_dir, step, variables) of the latest checkpoint in WORKDIR or of CHECKPOINT, for the command-line tools:
-  a missing checkpoint or one of another model exits with the error message instead of a traceback."""
-  try:
-    step_dir, step = resolve_checkpoint(workdir=workdir, checkpoint=checkpoint)
-    return step_dir, step, restore_variables(config, step_dir)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
-
-
-def restore_variables(config, step_dir: str) -> dict:
-  """{'params': ..., 'frozen_bn': ...} of the model of `config`, restored from STEP_DIR/state (partial restore).
-
-  The checkpoint's tree is checked against the model first: a missing or extra variable, or one whose shape
-  differs, raises ValueError (CheckpointMismatchError) naming the checkpoint, the differences and the fields of the
-  run's saved config.json that differ from `config` (usually a config that does not match the run that wrote it).
-  The item is read with orbax's PyTree handler directly: the step-level metadata (`STEP/_CHECKPOINT_METADATA`,
-  written by the trainer's CheckpointManager beside the items) is not looked for inside `state/`.
-  """
-  import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-
-  from dimaskdino_jax.modeling.model import build_model
-  from dimaskdino_jax.training.checkpoint import (
-    CheckpointMismatchError,
-    abstract_state,
-    mismatch_message,
-    read_saved_config,
-    tree_differences,
-  )
-
-  state_dir = os.path.join(os.path.abspath(step_dir), 'state')
-  if not os.path.isdir(state_dir):
-    raise FileNotFoundError(f'{state_dir}: not a checkpoint step directory (no state/ item)')
-  model = build_model(config)
-  size = tuple(int(v) for v in config.data.eval_canvases[0]) if config.data.eval_canvases else (64, 64)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *size, 3), jnp.uint8))
-  shapes = {name: tree for name, tree in shapes.items() if name in ('params', 'frozen_bn')}
-
-  handler = ocp.PyTreeCheckpointHandler()
-  stored = handler.metadata(epath.Path(state_dir)).tree
-  problems = []
-  for name, tree in shapes.items():
-    if name not in stored:
-      problems.append(f'collection {name!r} missing (the checkpoint has {sorted(stored)})')
-      continue
-    problems += tree_differences(tree, stored[name], prefix=f'{name}/')
-  if problems:
-    workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
-    raise CheckpointMismatchError(mismatch_message(state_dir, problems, read_saved_config(workdir), config))
-  abstract = abstract_state(shapes)
-  restored = handler.restore(
-    epath.Path(state_dir),
-    args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
-    ),
-  )
-  handler.close()
-  return {name: restored[name] for name in shapes}

@@ -1,6 +1,6 @@
 """Predictions on image files: the evaluator's jitted predict + post-processing, batched by canvas, drawn and saved.
 
-    predictor = Predictor(config, variables)            # variables: evaluator.restore_variables(config, step_dir)
+    predictor = Predictor(config, variables)            # variables: checkpoint.restore_variables(config, dir)
     report = predict_files(predictor, ['a.jpg', 'b.png'], 'out', score_threshold=0.3)
 
 Each image (any size; any PIL mode: grayscale, RGBA, palette, 16-bit are converted to RGB; the EXIF orientation is

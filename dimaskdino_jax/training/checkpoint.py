@@ -17,6 +17,11 @@ Before reading any array, `restore` compares the stored tree with the abstract s
 `CheckpointMismatchError` listing every missing / extra / differently shaped leaf, together with the fields of the
 saved WORKDIR/config.json that differ from the current config (e.g. `model.num_classes: checkpoint 3, config 5`).
 
+Reading (for evaluation, prediction, export and fine-tuning): `resolve_checkpoint` finds a step directory (the newest
+complete one of a workdir, or an explicit path) and `restore_variables` restores only the model variables ('params',
+'frozen_bn') of a saved state (orbax partial restore: the optimizer state is never read). They live here, below the
+trainer, the evaluator and the converter, so that each of them imports them downward (tests/test_import_layers.py).
+
 Failure safety:
 * `check_workdir` (called by the trainer before compiling) fails with `CheckpointError` naming the path when the
   workdir cannot be created or written, or when its file system has less free space than one checkpoint.
@@ -37,14 +42,18 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dimaskdino_jax.modeling.model import build_model
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = 'checkpoints'
+BEST_DIR = 'best'  # WORKDIR/best/STEP: the best checkpoint of the evaluation during training
 CONFIG_FILE = 'config.json'
 SAVE_DELAY_ENV = 'DIMASKDINO_TEST_SAVE_DELAY'
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
@@ -296,11 +305,21 @@ class Checkpointer:
 
   workdir: the run directory. config: the ml_collections config (its `train.keep_checkpoints` is K unless
   `max_to_keep` is given; it is written to WORKDIR/config.json by process 0). async_save: orbax's asynchronous saving.
+  subdir: the directory under WORKDIR (BEST_DIR for the best checkpoint of the evaluation during training).
+  write_config: False leaves WORKDIR/config.json alone (a second Checkpointer of the same run).
   """
 
-  def __init__(self, workdir, config=None, max_to_keep: int | None = None, async_save: bool = True):
+  def __init__(
+    self,
+    workdir,
+    config=None,
+    max_to_keep: int | None = None,
+    async_save: bool = True,
+    subdir: str = CHECKPOINT_DIR,
+    write_config: bool = True,
+  ):
     self.workdir = os.fspath(workdir)
-    self.directory = os.path.join(os.path.abspath(self.workdir), CHECKPOINT_DIR)
+    self.directory = os.path.join(os.path.abspath(self.workdir), subdir)
     if max_to_keep is None:
       max_to_keep = int(config.train.keep_checkpoints) if config is not None else None
     self.config_name = str(config.get('name', '')) if config is not None else ''
@@ -311,7 +330,7 @@ class Checkpointer:
     self.saved_config = read_saved_config(self.workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-    if config is not None and not self.all_steps():
+    if write_config and config is not None and not self.all_steps():
       self.save_config(config)
 
   def save_config(self, config):
@@ -441,3 +460,121 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+# ------------------------------------------------------------------------------ reading a checkpoint
+def resolve_checkpoint(workdir: str | None = None, checkpoint: str | None = None) -> tuple[str, int]:
+  """The step directory to evaluate and its step: the newest complete checkpoint of WORKDIR/checkpoints, or
+  `checkpoint`, which may be a step directory (holding 'state'), a checkpoints directory or a workdir (newest step).
+
+  Raises FileNotFoundError naming the directory when there is no checkpoint.
+  """
+  if (workdir is None) == (checkpoint is None):
+    raise ValueError('give exactly one of workdir and checkpoint')
+  path = os.path.abspath(os.fspath(checkpoint if checkpoint is not None else workdir))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: no such directory')
+  if checkpoint is not None and os.path.isdir(os.path.join(path, 'state')):
+    name = os.path.basename(path)
+    if not name.isdigit():
+      raise FileNotFoundError(f'{path}: a step directory must be named by its step (like checkpoints/1800)')
+    return path, int(name)
+  ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
+  if workdir is not None or os.path.isdir(ckpt_dir):
+    directory = ckpt_dir
+  else:
+    directory = path  # a checkpoints directory itself
+  steps = []
+  if os.path.isdir(directory):
+    # Complete checkpoints only: orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames when done.
+    steps = sorted(
+      int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n, 'state'))
+    )
+  if not steps:
+    raise FileNotFoundError(
+      f'{directory}: no checkpoint found (expected step directories like {directory}/1800/state); train first '
+      'with train.py --workdir, or pass --checkpoint pointing at a step directory'
+    )
+  return os.path.join(directory, str(steps[-1])), steps[-1]
+
+
+def restore_for_cli(config, workdir=None, checkpoint=None):
+  """(step_dir, step, variables) of the latest checkpoint in WORKDIR or of CHECKPOINT, for the command-line tools:
+  a missing checkpoint or one of another model exits with the error message instead of a traceback."""
+  try:
+    step_dir, step = resolve_checkpoint(workdir=workdir, checkpoint=checkpoint)
+    return step_dir, step, restore_variables(config, step_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+def restore_variables(config, step_dir: str) -> dict:
+  """{'params': ..., 'frozen_bn': ...} of the model of `config`, restored from STEP_DIR/state (partial restore).
+
+  The checkpoint's tree is checked against the model first: a missing or extra variable, or one whose shape
+  differs, raises ValueError (CheckpointMismatchError) naming the checkpoint, the differences and the fields of the
+  run's saved config.json that differ from `config` (usually a config that does not match the run that wrote it).
+  The item is read with orbax's PyTree handler directly: the step-level metadata (`STEP/_CHECKPOINT_METADATA`,
+  written by the trainer's CheckpointManager beside the items) is not looked for inside `state/`.
+  """
+  state_dir = os.path.join(os.path.abspath(step_dir), 'state')
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f'{state_dir}: not a checkpoint step directory (no state/ item)')
+  model = build_model(config)
+  size = tuple(int(v) for v in config.data.eval_canvases[0]) if config.data.eval_canvases else (64, 64)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *size, 3), jnp.uint8))
+  shapes = {name: tree for name, tree in shapes.items() if name in ('params', 'frozen_bn')}
+
+  handler = ocp.PyTreeCheckpointHandler()
+  stored = handler.metadata(epath.Path(state_dir)).tree
+  problems = []
+  for name, tree in shapes.items():
+    if name not in stored:
+      problems.append(f'collection {name!r} missing (the checkpoint has {sorted(stored)})')
+      continue
+    problems += tree_differences(tree, stored[name], prefix=f'{name}/')
+  if problems:
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+    raise CheckpointMismatchError(mismatch_message(state_dir, problems, read_saved_config(workdir), config))
+  abstract = abstract_state(shapes)
+  restored = handler.restore(
+    epath.Path(state_dir),
+    args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+    ),
+  )
+  handler.close()
+  return {name: restored[name] for name in shapes}
+
+
+def restore_stored_variables(step_dir: str) -> dict:
+  """{'params': ..., 'frozen_bn': ...} of STEP_DIR/state as stored (its own tree and shapes, host numpy arrays),
+  whatever model wrote it: the input of a partial load (convert/init.py). The optimizer state is never read."""
+  state_dir = os.path.join(os.path.abspath(step_dir), 'state')
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f'{state_dir}: not a checkpoint step directory (no state/ item)')
+  handler = ocp.PyTreeCheckpointHandler()
+  stored = handler.metadata(epath.Path(state_dir)).tree
+  wanted = {name: stored[name] for name in ('params', 'frozen_bn') if name in stored}
+  if 'params' not in wanted:
+    raise FileNotFoundError(f'{state_dir}: holds no params (items {sorted(stored)})')
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated_sharding()),
+    wanted,
+    is_leaf=_is_leaf_record,
+  )
+  restored = handler.restore(
+    epath.Path(state_dir),
+    args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+    ),
+  )
+  handler.close()
+  return jax.tree.map(lambda x: np.asarray(_local_copy(x)), restored)
+
+
+def _local_copy(x):
+  """A replicated array spanning other processes' devices -> this process's copy (host numpy)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_shards[0].data)
+  return np.asarray(x)

@@ -33,7 +33,7 @@ import optax
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
-from dimaskdino_jax.convert.init import load_initial_weights
+from dimaskdino_jax.convert.init import check_initial_weights, load_initial_weights
 from dimaskdino_jax.losses.criterion import compute_losses
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
@@ -44,6 +44,7 @@ from dimaskdino_jax.training.checkpoint import (
   check_workdir,
   state_nbytes,
 )
+from dimaskdino_jax.training.periodic_eval import PeriodicEvaluation, check_eval_split
 from dimaskdino_jax.training.writers import MetricWriter, ProgressBar
 
 log = logging.getLogger(__name__)
@@ -283,13 +284,22 @@ def nonfinite_names(scalars) -> list[str]:
   return sorted(k for k, v in scalars.items() if k not in ('skipped', 'lr') and not np.isfinite(np.asarray(v)).all())
 
 
-def train(config, workdir, *, data_iterator=None, verbose=True):
-  """Trains `config` in `workdir` until config.train.num_steps; returns the final state (host arrays).
+class RunSetup:
+  """What one `train` call works with, built before any state exists (`prepare_run`).
 
-  Raises TrainingInterrupted (SIGTERM / SIGINT, after saving), NonFiniteError (too many consecutive non-finite
-  updates), CheckpointError (unwritable workdir, full disk) or CheckpointMismatchError (a checkpoint of another
-  model in WORKDIR).
+  mesh: the device mesh; model: the Flax module; iterator: this process's share of every global batch (grain);
+  tx: the optimizer (built from the param shapes); image_shape: (local batch, H, W, 3) of one step's input;
+  state_shape: the train state as ShapeDtypeStructs.
   """
+
+  def __init__(self, config, workdir, mesh, model, iterator, tx, image_shape, state_shape):
+    self.config, self.workdir, self.mesh, self.model = config, workdir, mesh, model
+    self.iterator, self.tx, self.image_shape, self.state_shape = iterator, tx, image_shape, state_shape
+
+
+def prepare_run(config, workdir, data_iterator=None) -> RunSetup:
+  """Checks the workdir (writable; room for one checkpoint), builds the mesh, the model, the data iterator and the
+  optimizer. The synthetic shapes dataset is written first by process 0 when the config asks for it."""
   from dimaskdino_jax.data.pipeline import make_train_iterator
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
 
@@ -303,114 +313,201 @@ def train(config, workdir, *, data_iterator=None, verbose=True):
 
     multihost_utils.sync_global_devices('dimaskdino_dataset_ready')
   model = build_model(config)
-  it = data_iterator
-  if it is None:  # this process's share of every global batch (pipeline.py: sharding by process)
-    it = make_train_iterator(config, shard_index=jax.process_index(), shard_count=jax.process_count())
-  t = config.train
+  iterator = data_iterator
+  if iterator is None:  # this process's share of every global batch (pipeline.py: sharding by process)
+    iterator = make_train_iterator(config, shard_index=jax.process_index(), shard_count=jax.process_count())
   image_shape = (local_batch, config.data.image_size, config.data.image_size, 3)
-  replicated = sharding.replicated(mesh)
-
-  # The optimizer needs the param tree (shapes only); restore into the abstract state, or initialize.
+  # The optimizer needs the param tree (shapes only).
   tx = optim_lib.build_optimizer(config, partition.trainable_params(config, abstract_params(model, image_shape)))
   state_shape = jax.eval_shape(lambda: init_state(config, model, tx, image_shape))
   check_workdir(workdir, state_nbytes(state_shape))
-  ckpt = Checkpointer(workdir, config)
-  restored = ckpt.restore_latest(abstract_state(state_shape, replicated), data_iterator=it)
+  return RunSetup(config, workdir, mesh, model, iterator, tx, image_shape, state_shape)
+
+
+def restore_or_initialize(setup: RunSetup, ckpt: Checkpointer, verbose: bool):
+  """(state, meta) to start from: the newest checkpoint of the workdir (with the data iterator's position and the
+  checkpoint's meta item), else a fresh state with the initial weights the config asks for (meta None)."""
+  restored = ckpt.restore_latest(
+    abstract_state(setup.state_shape, sharding.replicated(setup.mesh)), data_iterator=setup.iterator
+  )
   if restored is not None:
     state = restored['state']
     if verbose:
       print(f'Resumed from {ckpt.directory} at step {int(state["step"])}', flush=True)
-  else:
-    state = init_state(config, model, tx, image_shape)
-    state = load_initial_weights(config, state, verbose=verbose)  # train.init_checkpoint / backbone.weights
-    # Placed like a restored state (replicated), so fresh and resumed runs share one compiled step.
-    state = sharding.put_replicated(state, mesh)
+    return state, restored['meta']
+  state = init_state(setup.config, setup.model, setup.tx, setup.image_shape)
+  state = load_initial_weights(setup.config, state, verbose=verbose)  # train.init_checkpoint / backbone.weights
+  # Placed like a restored state (replicated), so fresh and resumed runs share one compiled step.
+  return sharding.put_replicated(state, setup.mesh), None
 
-  if verbose and jax.process_index() == 0:
-    print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)
-    groups = optim_lib.group_summary(partition.trainable_params(config, state['params']))
-    if partition.trainable_predicate(config) is not None:
-      print(partition.describe(config, state['params']), flush=True)
-    print('optimizer groups: ' + ', '.join(f'{k}: {v[1]:,}' for k, v in sorted(groups.items())), flush=True)
 
-  step_fn = compiled_train_step(config, model, tx, mesh)
-  if verbose and jax.process_index() == 0 and mesh.size > 1:
+def describe_run(setup: RunSetup, state, verbose: bool) -> None:
+  """Prints (process 0) the parameter count, the trainable subset, the optimizer groups and the data parallelism."""
+  config, mesh = setup.config, setup.mesh
+  if not verbose or jax.process_index() != 0:
+    return
+  print(parameter_overview.get_parameter_overview(state['params'], include_stats=False).splitlines()[-1], flush=True)
+  groups = optim_lib.group_summary(partition.trainable_params(config, state['params']))
+  if partition.trainable_predicate(config) is not None:
+    print(partition.describe(config, state['params']), flush=True)
+  print('optimizer groups: ' + ', '.join(f'{k}: {v[1]:,}' for k, v in sorted(groups.items())), flush=True)
+  if mesh.size > 1:
+    batch = int(config.train.batch_size)
     print(
       f'data parallel: {mesh.shape[sharding.DATA]} devices, {jax.process_count()} process(es), global batch '
-      f'{t.batch_size} ({t.batch_size // mesh.shape[sharding.DATA]} per device)',
+      f'{batch} ({batch // mesh.shape[sharding.DATA]} per device)',
       flush=True,
     )
-  start = int(state['step'])
-  writer = MetricWriter(workdir, start_step=start)
-  bar = ProgressBar(t.num_steps, initial=start, enabled=verbose and jax.process_index() == 0)
-  max_nonfinite = int(t.max_consecutive_nonfinite)
-  streak = []  # (step, non-finite names) of the current run of skipped updates
-  averages = MetricAverages()
-  data_counts = DataCounts()
-  last_log = time.time()
-  step = start
+
+
+class NonFiniteGuard:
+  """The host side of the NaN guard: tracks the current streak of skipped updates, warns for each and raises
+  NonFiniteError after config.train.max_consecutive_nonfinite in a row."""
+
+  def __init__(self, limit: int):
+    self.limit = int(limit)
+    self.streak = []  # (step, non-finite names) of the current run of skipped updates
+
+  def check(self, step: int, scalars, consecutive: int, ckpt: Checkpointer) -> None:
+    if not consecutive:
+      self.streak = []
+      return
+    self.streak.append((step, nonfinite_names(scalars)))
+    log.warning(
+      'step %d: non-finite %s; update skipped (%d consecutive, limit train.max_consecutive_nonfinite = %d)',
+      step,
+      ', '.join(self.streak[-1][1]) or 'values',
+      consecutive,
+      self.limit,
+    )
+    if consecutive >= self.limit:
+      ckpt.wait_until_finished()
+      raise NonFiniteError(_nonfinite_message(self.streak, self.limit, ckpt))
+
+
+class IntervalLog:
+  """Averages the step scalars between two log lines and writes them (metrics.jsonl, TensorBoard, progress bar)."""
+
+  def __init__(self, config, workdir, start: int, verbose: bool):
+    self.log_every, self.num_steps = int(config.train.log_every), int(config.train.num_steps)
+    self.writer = MetricWriter(workdir, start_step=start)
+    self.bar = ProgressBar(self.num_steps, initial=start, enabled=verbose and jax.process_index() == 0)
+    self.averages = MetricAverages()
+    self.data_counts = DataCounts()
+    self.last_log = time.time()
+
+  def add(self, step: int, scalars, state) -> None:
+    self.averages.add(scalars)
+    if step % self.log_every and step != self.num_steps:
+      self.bar.update(step)
+      return
+    values = self.averages.compute()
+    values['skipped_total'] = int(state['nonfinite']['total'])
+    values.update(self.data_counts.interval())
+    now = time.time()
+    full = step % self.log_every == 0
+    values['steps_per_sec'] = self.log_every / max(now - self.last_log, 1e-9) if full else float('nan')
+    self.last_log = now
+    self.writer.write_scalars(step, values)
+    self.bar.update(step, loss=values['loss'])
+    self.averages = MetricAverages()
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+
+
+def train(config, workdir, *, data_iterator=None, verbose=True):
+  """Trains `config` in `workdir` until config.train.num_steps; returns the final state (host arrays).
+
+  The steps: `prepare_run` (workdir, mesh, model, data, optimizer) -> `restore_or_initialize` -> `describe_run` ->
+  the loop (`run_steps`: step, NaN guard, interval logs, evaluation, checkpoints).
+  Raises TrainingInterrupted (SIGTERM / SIGINT, after saving), NonFiniteError (too many consecutive non-finite
+  updates), CheckpointError (unwritable workdir, full disk), CheckpointMismatchError (a checkpoint of another
+  model in WORKDIR) or ConfigError (an init checkpoint, class map or eval split that cannot work; before any step).
+  """
+  setup = prepare_run(config, workdir, data_iterator)
+  ckpt = Checkpointer(workdir, config)
+  try:  # bad input is reported before anything compiles
+    if ckpt.latest_step() is None:  # a fresh run: its init checkpoint and class map
+      check_initial_weights(config)
+    if config.train.get('eval_every', 0):
+      check_eval_split(config)
+  except BaseException:
+    ckpt.close()
+    raise
+  state, meta = restore_or_initialize(setup, ckpt, verbose)
+  describe_run(setup, state, verbose)
+  logs = IntervalLog(config, workdir, int(state['step']), verbose)
+  try:
+    periodic = PeriodicEvaluation(config, workdir, logs.writer, meta, verbose=verbose)
+  except BaseException:
+    logs.close()
+    ckpt.close()
+    raise
+  step_fn = compiled_train_step(config, setup.model, setup.tx, setup.mesh)
   stop = _StopSignals().install()
   try:
-    # The data state saved with a checkpoint is the state after the batches consumed so far: the next batch is
-    # fetched only after saving.
-    while step < t.num_steps:
-      if stop.signum is not None:
-        ckpt.save(step, state, data=it)
-        ckpt.wait_until_finished()
-        raise TrainingInterrupted(stop.signum, step, ckpt.directory)
-      batch = next(it)
-      data_counts.add(batch)
-      state, scalars = run_step(step_fn, mesh, state, batch)
-      step += 1
-      # One device -> host transfer per step (the guard must see every skip; the metrics are averaged here).
-      scalars, consecutive = jax.device_get((scalars, state['nonfinite']['consecutive']))
-      consecutive = int(consecutive)
-      if consecutive:
-        streak.append((step, nonfinite_names(scalars)))
-        log.warning(
-          'step %d: non-finite %s; update skipped (%d consecutive, limit train.max_consecutive_nonfinite = %d)',
-          step,
-          ', '.join(streak[-1][1]) or 'values',
-          consecutive,
-          max_nonfinite,
-        )
-        if consecutive >= max_nonfinite:
-          ckpt.wait_until_finished()
-          raise NonFiniteError(_nonfinite_message(streak, max_nonfinite, ckpt))
-      else:
-        streak = []
-      averages.add(scalars)
-      if step % t.log_every == 0 or step == t.num_steps:
-        values = averages.compute()
-        values['skipped_total'] = int(state['nonfinite']['total'])
-        values.update(data_counts.interval())
-        now = time.time()
-        values['steps_per_sec'] = t.log_every / max(now - last_log, 1e-9) if step % t.log_every == 0 else float('nan')
-        last_log = now
-        writer.write_scalars(step, values)
-        bar.update(step, loss=values['loss'])
-        averages = MetricAverages()
-      else:
-        bar.update(step)
-      # No periodic checkpoint in a streak of skipped updates: the last good checkpoint stays the newest.
-      if (step % t.checkpoint_every == 0 and not consecutive) or step == t.num_steps:
-        ckpt.save(step, state, data=it)
+    state = run_steps(setup, step_fn, state, ckpt, logs, stop, periodic)
     ckpt.wait_until_finished()
+    periodic.wait_until_finished()
     if verbose:
-      data_counts.report()
+      logs.data_counts.report()
   except BaseException:
     stop.uninstall()
-    bar.close()
-    writer.close()
+    logs.close()
     try:
+      periodic.close()
       ckpt.close()
     except Exception as e:  # the error in flight is the one to report
       log.warning('closing the checkpointer after an error: %s', e)
     raise
   stop.uninstall()
-  bar.close()
-  writer.close()
+  logs.close()
+  periodic.close()
   ckpt.close()
+  return state
+
+
+def run_steps(
+  setup: RunSetup,
+  step_fn,
+  state,
+  ckpt: Checkpointer,
+  logs: IntervalLog,
+  stop: _StopSignals,
+  periodic: PeriodicEvaluation | None = None,
+):
+  """The training loop from state['step'] to config.train.num_steps; returns the final state.
+
+  Per step: the signal check (save and raise TrainingInterrupted), the next batch, the jitted step, one device ->
+  host transfer of its scalars, the NaN guard, the interval log, the evaluation when due (periodic_eval.py: it only
+  reads the params) and the periodic checkpoint (with the best evaluation so far in its meta). The data state saved
+  with a checkpoint is the state after the batches consumed so far: the next batch is fetched only after saving.
+  """
+  t, it = setup.config.train, setup.iterator
+  guard = NonFiniteGuard(t.max_consecutive_nonfinite)
+  step = int(state['step'])
+  meta = periodic.checkpoint_meta if periodic is not None else dict
+  while step < t.num_steps:
+    if stop.signum is not None:
+      ckpt.save(step, state, data=it, metrics=meta())
+      ckpt.wait_until_finished()
+      raise TrainingInterrupted(stop.signum, step, ckpt.directory)
+    batch = next(it)
+    logs.data_counts.add(batch)
+    state, scalars = run_step(step_fn, setup.mesh, state, batch)
+    step += 1
+    # One device -> host transfer per step (the guard must see every skip; the metrics are averaged here).
+    scalars, consecutive = jax.device_get((scalars, state['nonfinite']['consecutive']))
+    consecutive = int(consecutive)
+    guard.check(step, scalars, consecutive, ckpt)
+    logs.add(step, scalars, state)
+    if periodic is not None and periodic.due(step):
+      periodic.run(step, state)
+    # No periodic checkpoint in a streak of skipped updates: the last good checkpoint stays the newest.
+    if (step % t.checkpoint_every == 0 and not consecutive) or step == t.num_steps:
+      ckpt.save(step, state, data=it, metrics=meta())
   return state
 
 

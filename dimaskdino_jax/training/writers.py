@@ -6,8 +6,9 @@
       bar.update(step, loss=loss)                      # shows loss, steps/s and the ETA
 
 Only process 0 writes (jax.process_index() == 0); elsewhere every call is a no-op. metrics.jsonl has one JSON object
-per `write_scalars` call: {"step": 100, "loss": 1.23, ...}. When a run resumes from a checkpoint at step S, pass
-`start_step=S`: lines (and TensorBoard events) after S, written by the interrupted run, are dropped.
+per `write_scalars` call: {"step": 100, "loss": 1.23, ...}; the evaluation during training (periodic_eval.py) adds
+records without "loss": {"step": 1000, "eval/bbox_AP": ..., "eval/best": ...}. When a run resumes from a checkpoint
+at step S, pass `start_step=S`: lines (and TensorBoard events) after S, written by the interrupted run, are dropped.
 """
 
 import json

@@ -16,6 +16,7 @@ from dimaskdino_jax.analysis import ablation, imbalance, runner
 from dimaskdino_jax.analysis.plots import plot_per_layer, plot_settings
 from dimaskdino_jax.config import ConfigError
 from dimaskdino_jax.evaluation import evaluator
+from dimaskdino_jax.training import checkpoint as ckpt_lib
 from tests.evaluation.test_evaluator import TINY_OVERRIDES
 from tests.tiny import tiny_config
 
@@ -170,8 +171,8 @@ def test_eval_cli_per_layer_writes_the_figure(tmp_path, monkeypatch):
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
   step_dir = tmp_path / 'run' / 'checkpoints' / '5'
-  monkeypatch.setattr(evaluator, 'resolve_checkpoint', lambda **kw: (str(step_dir), 5))
-  monkeypatch.setattr(evaluator, 'restore_variables', lambda config, d: {'params': {}})
+  monkeypatch.setattr(ckpt_lib, 'resolve_checkpoint', lambda **kw: (str(step_dir), 5))
+  monkeypatch.setattr(ckpt_lib, 'restore_variables', lambda config, d: {'params': {}})
   per_layer = [{'layer': n, **_metrics(i, i)} for i, n in enumerate(evaluator.layer_names(4))]
   monkeypatch.setattr(evaluator, 'evaluate', lambda config, v, **kw: {**per_layer[-1], 'per_layer': per_layer})
   monkeypatch.setattr('dimaskdino_jax.data.prepare.ensure_shapes_dataset', lambda *a, **k: None)

@@ -18,7 +18,7 @@ from dimaskdino_jax.config import load_config
 from dimaskdino_jax.convert import CheckpointError, convert_backbone, convert_state_dict, read_state_dict
 from dimaskdino_jax.convert import torch_checkpoint as tc
 from dimaskdino_jax.convert.__main__ import main as convert_main
-from dimaskdino_jax.evaluation import evaluator
+from dimaskdino_jax.training import checkpoint as ckpt_lib
 from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -153,8 +153,8 @@ def test_cli_writes_a_checkpoint_eval_restores(tmp_path, capsys):
   out = tmp_path / 'converted'
   step_dir = convert_main(['--checkpoint', str(ckpt), '--config', config_path, '--out', str(out)])
   assert 'converted' in capsys.readouterr().out
-  assert evaluator.resolve_checkpoint(workdir=str(out)) == (step_dir, 0)
-  assert_trees_equal(evaluator.restore_variables(c, step_dir), variables)
+  assert ckpt_lib.resolve_checkpoint(workdir=str(out)) == (step_dir, 0)
+  assert_trees_equal(ckpt_lib.restore_variables(c, step_dir), variables)
   with pytest.raises(SystemExit, match='already exists'):
     convert_main(['--checkpoint', str(ckpt), '--config', config_path, '--out', str(out)])
   with pytest.raises(SystemExit, match='missing keys'):  # the wrong config for this checkpoint

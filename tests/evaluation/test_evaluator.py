@@ -23,6 +23,7 @@ from dimaskdino_jax.evaluation.coco_eval import METRIC_NAMES
 from dimaskdino_jax.evaluation.postprocess import TopK
 from dimaskdino_jax.evaluation.visualize import draw_predictions, save_prediction_grid
 from dimaskdino_jax.modeling.model import build_model
+from dimaskdino_jax.training import checkpoint as ckpt_lib
 from dimaskdino_jax.training.checkpoint import Checkpointer
 from tests.tiny import prepared_shapes
 
@@ -318,12 +319,12 @@ def test_resolve_checkpoint(tmp_path):
     (ckpts / name / 'state').mkdir(parents=True)
   (ckpts / '50000').mkdir()  # no state item: incomplete
   latest = str(ckpts / '2000')
-  assert evaluator.resolve_checkpoint(workdir=str(tmp_path)) == (latest, 2000)
-  assert evaluator.resolve_checkpoint(checkpoint=str(tmp_path)) == (latest, 2000)
-  assert evaluator.resolve_checkpoint(checkpoint=str(ckpts)) == (latest, 2000)
-  assert evaluator.resolve_checkpoint(checkpoint=str(ckpts / '100')) == (str(ckpts / '100'), 100)
+  assert ckpt_lib.resolve_checkpoint(workdir=str(tmp_path)) == (latest, 2000)
+  assert ckpt_lib.resolve_checkpoint(checkpoint=str(tmp_path)) == (latest, 2000)
+  assert ckpt_lib.resolve_checkpoint(checkpoint=str(ckpts)) == (latest, 2000)
+  assert ckpt_lib.resolve_checkpoint(checkpoint=str(ckpts / '100')) == (str(ckpts / '100'), 100)
   with pytest.raises(FileNotFoundError, match='no such directory'):
-    evaluator.resolve_checkpoint(workdir=str(tmp_path / 'missing'))
+    ckpt_lib.resolve_checkpoint(workdir=str(tmp_path / 'missing'))
 
 
 def _result(h, w):

@@ -5,9 +5,9 @@ python -m tests.training.scaling_worker devices DATA_DIR OUT_DIR
     batch), then resume the 8-device checkpoint of step 1 on 1 and on 4 devices; also counts the batch rows each
     host matching callback receives. Writes OUT_DIR/params.npz (params after step 1) and OUT_DIR/result.json.
 python -m tests.training.scaling_worker process ID PORT DATA_DIR OUT_DIR
-    one of two processes (2 CPU devices each) joined by jax.distributed on 127.0.0.1:PORT: 3 steps of train(), then
-    evaluate() of the final params (each process its share of the val images, gathered to process 0). Writes
-    OUT_DIR/result_mp_ID.json.
+    one of two processes (2 CPU devices each) joined by jax.distributed on 127.0.0.1:PORT: 3 steps of train() with
+    an evaluation during training at step 3 (train.eval_every), then evaluate() of the final params (each process
+    its share of the val images, gathered to process 0). Writes OUT_DIR/result_mp_ID.json.
 
 Both compile at XLA's lowest backend optimization level (the steps are tiny: compiling dominates) and record the
 wall and CPU seconds of each phase in the result ('timings'). The model is the tiny one with 1 encoder and 2 decoder
@@ -77,10 +77,10 @@ def config_for(data_dir, steps, devices):
   return c
 
 
-def losses(workdir):
+def losses(workdir):  # the training records (evaluation records have no 'loss')
   from dimaskdino_jax.training.writers import read_metrics
 
-  return {int(r['step']): float(r['loss']) for r in read_metrics(workdir)}
+  return {int(r['step']): float(r['loss']) for r in read_metrics(workdir) if 'loss' in r}
 
 
 def run_devices(data_dir, out):
@@ -137,9 +137,14 @@ def run_process(pid, port, data_dir, out):
   assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
   wd = os.path.join(out, 'mp')
   config = config_for(data_dir, 3, -1)
+  config.train.eval_every = 3  # the evaluation during training, at the last step (training/periodic_eval.py)
   with phase('train 3 steps'):
     state = train(config, wd, verbose=False)
   result = {'loss': losses(wd), 'files': sorted(os.listdir(os.path.join(wd, 'checkpoints', '3', 'data')))}
+  from dimaskdino_jax.training.writers import read_metrics
+
+  result['periodic'] = [r for r in read_metrics(wd) if 'eval/bbox_AP' in r]
+  result['best'] = sorted(os.listdir(os.path.join(wd, 'best')))
 
   # What each process evaluated and what process 0 merged (the evaluator's own functions, recorded on the way).
   gather, merge = evaluator.gather_to_process0, evaluator.merge_process_results

@@ -331,15 +331,13 @@ def test_eval_of_a_live_workdir_reads_a_complete_checkpoint(data_dir, reference,
   trainer) is replaced by the newest complete one; no 'Metadata file does not exist' warning on the item."""
   import importlib.util
 
-  from dimaskdino_jax.evaluation import evaluator
-
   spec = importlib.util.spec_from_file_location('eval_cli', os.path.join(REPO, 'eval.py'))
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
   wd = tmp_path / 'run'
   shutil.copytree(reference['workdir'], wd)
   shutil.copytree(wd / 'checkpoints' / '6', wd / 'checkpoints' / f'8{ckpt_lib.TMP_SUFFIX}')  # a write in progress
-  real_restore = evaluator.restore_variables
+  real_restore = ckpt_lib.restore_variables
   calls = []
 
   def restore_while_trainer_deletes(config, step_dir):
@@ -348,11 +346,11 @@ def test_eval_of_a_live_workdir_reads_a_complete_checkpoint(data_dir, reference,
       shutil.rmtree(step_dir)  # the trainer's keep-K rotation, mid-read
     return real_restore(config, step_dir)
 
-  monkeypatch.setattr(evaluator, 'restore_variables', restore_while_trainer_deletes)
+  monkeypatch.setattr(ckpt_lib, 'restore_variables', restore_while_trainer_deletes)
   args = type('Args', (), {'workdir': str(wd), 'checkpoint': None})()
   config = config_for(data_dir, STEPS)
   with caplog.at_level('WARNING'):
-    step_dir, step, variables = cli.restore_newest(evaluator, config, args, verbose=False)
+    step_dir, step, variables = cli.restore_newest(ckpt_lib, config, args, verbose=False)
   assert calls == [str(wd / 'checkpoints' / '6'), str(wd / 'checkpoints' / '4')] and step == 4
   expected = restore_step(reference['workdir'], config, 4)['state']
   assert_bitwise(variables['params'], expected['params'])

@@ -256,6 +256,17 @@ def test_two_process_evaluation_covers_every_val_image_once(runs):
     assert canonical(json.load(f)) == canonical(p0['metrics'])
 
 
+def test_two_process_evaluation_during_training(runs):
+  """train.eval_every with two processes: one record (process 0) with the AP of the standalone evaluation of the
+  same params, and the best checkpoint written by both processes."""
+  p0, _ = runs['mp']
+  (record,) = p0['periodic']
+  assert record['step'] == 3 and record['eval/best_step'] == 3
+  assert record['eval/bbox_AP'] == p0['metrics']['bbox']['AP']
+  assert record['eval/segm_AP'] == p0['metrics']['segm']['AP'] == record['eval/best']
+  assert p0['best'] == ['3']
+
+
 def test_batch_not_divisible_by_devices_is_a_config_error():
   c = tiny_config()
   c.train.batch_size = 6
