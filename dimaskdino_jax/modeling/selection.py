@@ -6,6 +6,7 @@ All functions are pure jnp with static shapes.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dimaskdino_jax.box_ops import inverse_sigmoid
 
@@ -23,7 +24,13 @@ def encoder_proposals(spatial_shapes):
   """
   per_level = []
   for lvl, (h, w) in enumerate(spatial_shapes):
-    ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing='ij')
+    # Static centres divided on the host in float32 like torch: XLA rewrites x / w as x * (1 / w), which rounds
+    # 49.5 / 50 to 0.98999995 (valid) where torch gets 0.99000001 (invalid), at the 1/16 level of 800 px images.
+    ys, xs = np.meshgrid(
+      (np.arange(h, dtype=np.float32) + np.float32(0.5)) / np.float32(h),
+      (np.arange(w, dtype=np.float32) + np.float32(0.5)) / np.float32(w),
+      indexing='ij',
+    )
     wh = jnp.full((h * w, 2), 0.05 * (2.0**lvl))
     per_level.append(jnp.concatenate([xs.reshape(-1, 1), ys.reshape(-1, 1), wh], -1))
   proposals = jnp.concatenate(per_level, 0).astype(jnp.float32)  # (S, 4) cxcywh

@@ -156,8 +156,8 @@ def install_shims(official, d2root):
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def official_cfg():
-  p = PARITY
+def official_cfg(p=PARITY):
+  """The official cfg for a configuration dict like fixture_io.PARITY (fixture_io.FULL: the R50 COCO model)."""
   return Cfg(
     MODEL=Cfg(
       BACKBONE=Cfg(FREEZE_AT=0),
@@ -219,15 +219,15 @@ def official_cfg():
   )
 
 
-def build_official(resnet, head, meta):
-  cfg = official_cfg()
+def build_official(resnet, head, meta, p=PARITY):
+  cfg = official_cfg(p)
   backbone = resnet.build_resnet_backbone(cfg, resnet.ShapeSpec(channels=3))
   sem_seg_head = head.MaskDINOHead(cfg, backbone.output_shape())
   return meta.MaskDINO(
     backbone=backbone,
     sem_seg_head=sem_seg_head,
     criterion=types.SimpleNamespace(weight_dict={}),
-    num_queries=PARITY['k2'],
+    num_queries=p['k2'],
     object_mask_threshold=0.25,
     overlap_threshold=0.8,
     metadata=None,
@@ -238,7 +238,7 @@ def build_official(resnet, head, meta):
     semantic_on=False,
     panoptic_on=False,
     instance_on=True,
-    test_topk_per_image=PARITY['detections_per_image'],
+    test_topk_per_image=p['detections_per_image'],
     data_loader='coco_instance_lsj',
     pano_temp=0.06,
     focus_on_box=False,
@@ -281,7 +281,7 @@ def _np(x):
   return x.detach().float().numpy().copy()
 
 
-def run(model, images):
+def run(model, images, specs=IMAGES):
   """Eval forward of the meta-architecture (post-processing included) with hooks on every stage, then the
   predictor once more in training mode without DN (which computes masks for every prediction). Returns
   {name: array} (layouts noted per entry, NCHW maps moved to NHWC)."""
@@ -306,7 +306,7 @@ def run(model, images):
 
   pixel_decoder.forward_features = capture_features
   batched = []
-  for img, spec in zip(images, IMAGES):
+  for img, spec in zip(images, specs):
     h, w = spec['image_hw']
     chw = torch.from_numpy(np.ascontiguousarray(img[:h, :w].transpose(2, 0, 1))).float()
     batched.append({'image': chw, 'height': spec['orig_hw'][0], 'width': spec['orig_hw'][1]})

@@ -107,6 +107,8 @@ def _stages(module, images, image_hw):
     layer_boxes=preds.layers.boxes,
     layer_masks=preds.layers.masks,
   )
+  for key in ('enc_topk_index', 'di_topk_index_0', 'bato_topk_index'):  # (B, k) selected indices (not compared here)
+    out[key] = preds.extras[key]
   return out
 
 
