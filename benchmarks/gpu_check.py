@@ -190,8 +190,8 @@ def plan(smoke: bool, official: str | None, detectron2: str | None, tmp: str) ->
   # 3: R50 inference (tiny model on a CPU); the goal's variant first.
   parts = []
   if smoke:
-    variants, base = [(1, 'bfloat16', 2), (2, 'float32', 2)], ['--config', 'configs/shapes.py', '--canvas', '64', '64']
-    base += list(TINY)
+    variants = [(1, 'bfloat16', 2), (2, 'float32', 2)]
+    base = ['--config', 'configs/shapes.py', '--canvas', '64', '64', *TINY, '--fast-compile']
   else:
     variants = [(1, 'bfloat16', 20), (1, 'float32', 20), (8, 'bfloat16', 8), (8, 'float32', 8)]
     base = ['--config', R50, '--canvas', '800', '1344']
@@ -471,15 +471,17 @@ OFFICIAL_SUFFIXES = ('.py', '.yaml', '.cu', '.cuh', '.cpp', '.h')
 
 def prepare_official(dimaskdino: str, detectron2: str, dest: str) -> dict:
   """`make official-src`: the source files (.py, the configs' .yaml, the deformable-attention op's .cu/.cpp/.h) of
-  the two checkouts into dest/DI-MaskDINO and dest/detectron2 (ignored by git, carried to the GPU machine)."""
+  the two checkouts into dest/DI-MaskDINO and dest/detectron2 (ignored by git, carried to the GPU machine); of
+  detectron2 only its `detectron2` package folder."""
   out = {}
-  for src, name in ((dimaskdino, 'DI-MaskDINO'), (detectron2, 'detectron2')):
-    if not os.path.isdir(src):
-      raise ValueError(f'{src}: not a directory (the {name} checkout)')
+  # detectron2: its package folder only (not its tools, tests, projects); the checkout's layout is kept.
+  for src, name, sub in ((dimaskdino, 'DI-MaskDINO', ''), (detectron2, 'detectron2', 'detectron2')):
+    if not os.path.isdir(os.path.join(src, sub)):
+      raise ValueError(f'{os.path.join(src, sub)}: not a directory (the {name} checkout)')
     target = os.path.join(dest, name)
     shutil.rmtree(target, ignore_errors=True)
     count = size = 0
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, dirnames, filenames in os.walk(os.path.join(src, sub)):
       dirnames[:] = sorted(d for d in dirnames if not d.startswith('.') and d != '__pycache__')
       for f in sorted(filenames):
         if f.endswith(OFFICIAL_SUFFIXES):

@@ -61,7 +61,11 @@ def device_peak_bytes():
   return None if not stats else stats.get('peak_bytes_in_use')
 
 
-def measure(config, canvas_hw, batch_size: int, steps: int, seed: int = 0) -> dict:
+# XLA options for a quick compile (CPU smoke runs, benchmarks/gpu_check.py --cpu-smoke; never for timings).
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def measure(config, canvas_hw, batch_size: int, steps: int, seed: int = 0, fast_compile: bool = False) -> dict:
   h, w = canvas_hw
   div = int(config.model.get('size_divisibility', 32))
   if h % div or w % div:
@@ -79,7 +83,8 @@ def measure(config, canvas_hw, batch_size: int, steps: int, seed: int = 0) -> di
   ]
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables))
   t0 = time.perf_counter()
-  compiled = predict.trace(variables, batches[0], image_hw).lower().compile()
+  options = FAST_COMPILE if fast_compile else None
+  compiled = predict.trace(variables, batches[0], image_hw).lower().compile(compiler_options=options)
   jax.block_until_ready(compiled(variables, batches[0], image_hw))
   compile_s = time.perf_counter() - t0
   times = []
@@ -99,6 +104,7 @@ def measure(config, canvas_hw, batch_size: int, steps: int, seed: int = 0) -> di
     'backend': jax.default_backend(),
     'device_kind': jax.devices()[0].device_kind,
     'steps': steps,
+    'fast_compile': fast_compile,
     'compile_s': round(compile_s, 3),
     'median_ms': round(1000 * median, 3),
     'min_ms': round(1000 * min(times), 3),
@@ -124,13 +130,14 @@ def main(argv=None) -> dict:
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='model.backbone.dtype')
   parser.add_argument('--steps', type=int, default=10, help='timed calls after the first (compile) call')
   parser.add_argument('--json', help='write the figures here')
+  parser.add_argument('--fast-compile', action='store_true', help="XLA's lowest optimization (smoke runs only)")
   args, config = parse_config_overrides(parser, sys.argv[1:] if argv is None else list(argv))
   if args.batch_size < 1 or args.steps < 1:
     parser.error('--batch-size and --steps must be >= 1')
   config.model.backbone.dtype = args.dtype
   canvas = tuple(args.canvas) if args.canvas else tuple(int(v) for v in config.data.eval_canvases[0])
   try:
-    result = measure(config, canvas, args.batch_size, args.steps)
+    result = measure(config, canvas, args.batch_size, args.steps, fast_compile=args.fast_compile)
   except ValueError as e:
     parser.error(str(e))
   print(

@@ -98,7 +98,10 @@ def main(argv):
     jax.ShapeDtypeStruct(shape, jnp.uint8),
   )['params']
   tx = optim_lib.build_optimizer(config, partition.trainable_params(config, params_shape))
-  state = init_state(config, model, tx, shape)
+  if _FAST.value:  # the init compiled with the same options, as one program
+    state = jax.jit(lambda: init_state(config, model, tx, shape)).lower().compile(compiler_options=FAST_COMPILE)()
+  else:
+    state = init_state(config, model, tx, shape)
   rng = np.random.default_rng(0)
   batches = [batch_to_device(fake_batch(config, bsz, rng)) for _ in range(3)]
   if _LOSS_ONLY.value:
@@ -151,6 +154,7 @@ def main(argv):
       'device_kind': jax.devices()[0].device_kind,
       'devices': jax.device_count(),
       'steps': _STEPS.value,
+      'fast_compile': _FAST.value,
       'compile_s': round(compile_s, 3),
       'median_ms': round(float(np.median(times)) * 1e3, 3),
       'images_per_s': round(bsz / float(np.median(times)), 3),
