@@ -13,7 +13,8 @@ Implementations: `xla`, `dense` and `reference` (kernels.ms_deform_attn), `palla
 when torch is importable; --torch-device cuda runs it on the GPU). Also prints a memory-traffic floor per size from
 a measured copy bandwidth: on a GPU backend the device's (a jitted a + 1 over 1 GiB, read + write), else the host's
 (a numpy copy). Writes {size: {impl: {"fwd_ms": .., "fwdbwd_ms": ..}}} to --json, with the floor under the key
-"floor" and the bandwidth under the top-level key "bandwidth" ({"gbs", "source"}).
+"floor" and the bandwidth under the top-level key "bandwidth" ({"gbs", "source"}); an implementation that fails
+gets {"error": message} and the others still run.
 """
 
 import os
@@ -189,10 +190,15 @@ def main():
       if impl == 'dense' and not msda.dense_fits(*inputs[1].shape[:3], inputs[0].shape[1]):
         print(f'  {size:8s} dense      skipped: its sampling matrix is larger than dense.DENSE_MAX_ELEMENTS')
         continue
-      if impl == 'torch':
-        r = time_torch(shapes, inputs, args.repeats, args.torch_device)
-      else:
-        r = time_jax(impl, shapes, inputs, args.repeats)
+      try:  # one implementation failing (e.g. a kernel that does not compile) leaves the others' figures
+        if impl == 'torch':
+          r = time_torch(shapes, inputs, args.repeats, args.torch_device)
+        else:
+          r = time_jax(impl, shapes, inputs, args.repeats)
+      except Exception as e:  # noqa: BLE001 - recorded in the JSON and printed
+        results[size][impl] = {'error': f'{type(e).__name__}: {str(e)[:2000]}'}
+        print(f'  {size:8s} {impl:10s} FAILED: {type(e).__name__}: {str(e)[:300]}', flush=True)
+        continue
       results[size][impl] = r
       print(f'  {size:8s} {impl:10s} fwd {r["fwd_ms"]:9.1f} ms   fwd+bwd {r["fwdbwd_ms"]:9.1f} ms', flush=True)
     f, fb = floor_ms(size, bandwidth)
@@ -204,6 +210,9 @@ def main():
   for size, by_impl in results.items():
     for impl, r in by_impl.items():
       name = f'floor ({bandwidth:.1f} GB/s)' if impl == 'floor' else impl
+      if 'error' in r:
+        print(f'| {size} | {name} | failed | failed |')
+        continue
       print(f'| {size} | {name} | {r["fwd_ms"]:.1f} | {r["fwdbwd_ms"]:.1f} |')
   with open(args.json, 'w') as fh:
     json.dump({**results, 'bandwidth': {'gbs': bandwidth, 'source': source}}, fh, indent=2)

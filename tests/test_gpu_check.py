@@ -107,6 +107,44 @@ def test_cpu_smoke_goals_are_computed_from_the_measurements(smoke):
   assert g['train_remat_le_12gib_per_image']['per_variant'].keys() == {'b2_remat_on'}
 
 
+def test_the_gpu_plan_runs_the_issue_s_checks_within_8_minutes(tmp_path):
+  official, d2 = str(tmp_path / 'DI-MaskDINO'), str(tmp_path / 'detectron2')
+  os.makedirs(official)
+  os.makedirs(d2)
+  checks = gpu_check.plan(False, official, d2, str(tmp_path))
+  assert [c['name'] for c in checks] == list(gpu_check.CHECKS)
+  cmd = lambda part: ' '.join(part['cmd'])  # noqa: E731
+  assert cmd(checks[0]['parts'][0]).endswith(
+    f'-m pytest tests/kernels -k pallas -q -p no:cacheprovider -o addopts= --junitxml={tmp_path}/pallas_tests.xml'
+  )
+  msda = cmd(checks[1]['parts'][0])
+  assert '--sizes encoder,decoder' in msda and '--impls xla,pallas,torch' in msda and '--torch-device cuda' in msda
+  inference = {(p['batch_size'], p['dtype']): cmd(p) for p in checks[2]['parts']}
+  assert sorted(inference) == [(1, 'bfloat16'), (1, 'float32'), (8, 'bfloat16'), (8, 'float32')]
+  for (bsz, dtype), c in inference.items():
+    assert f'--config {gpu_check.R50} --canvas 800 1344 --batch-size {bsz} --dtype {dtype}' in c
+    assert '--fast-compile' not in c
+  train = {(p['batch_size'], p['remat']): cmd(p) for p in checks[3]['parts']}
+  assert sorted(train) == [(2, False), (2, True), (8, False), (8, True)]
+  for (bsz, remat), c in train.items():
+    assert f'--config {gpu_check.R50} --batch_size {bsz}' in c and f'--config.model.remat={remat}' in c
+    assert '--fast_compile' not in c
+  for p in checks[2]['parts'] + checks[3]['parts']:
+    assert p['fallback'] == p['cmd'] + ['--config.model.msda_impl=xla']
+  five = checks[4]
+  if os.path.isfile(os.path.join(ROOT, 'benchmarks', 'vs_official.py')):
+    assert cmd(five['parts'][0]).endswith(
+      f'benchmarks/vs_official.py --official {official} --detectron2 {d2} --device cuda --skip-train '
+      f'--json {tmp_path}/official.json'
+    )
+  else:
+    assert five['skip'] == 'benchmarks/vs_official.py is not in this tree'
+  assert gpu_check.plan(False, None, None, str(tmp_path))[4]['skip'] == 'no --official / --detectron2 paths given'
+  # the budgets fit the default total, which leaves 5 s of the 480 s (8 min) for the start-up
+  budgets = sum(p['budget_s'] for c in checks for p in c.get('parts', []))
+  assert budgets <= 475 - 20  # 20 s for installing the wheels and recording the environment
+
+
 def test_goals_thresholds():
   def report(xla_ms, pallas_ms, fps, gib_per_image):
     return [
@@ -159,6 +197,24 @@ def test_a_part_past_its_limit_is_killed_with_its_children(tmp_path):
   assert not _running(pid)  # the whole process group went, the grandchild too
   with open(tmp_path / 'log', 'w') as log:
     assert gpu_check.run_child([sys.executable, '-c', 'raise SystemExit(3)'], 30, log)['status'] == 'failed'
+
+
+def test_a_failed_part_runs_its_fallback_within_its_limit(tmp_path):
+  js = tmp_path / 'r.json'
+  fail = [sys.executable, '-c', 'raise SystemExit("the Triton kernel did not compile")']
+  write = [sys.executable, '-c', f'import json; json.dump({{"images_per_s": 3.0}}, open({str(js)!r}, "w"))']
+  with open(tmp_path / 'log', 'w') as log:
+    r = gpu_check.run_part({'cmd': fail, 'json': str(js), 'fallback': write}, 60, log, None)
+    assert r['status'] == 'ok' and r['result'] == {'images_per_s': 3.0}
+    assert r['fallback']['first_run']['status'] == 'failed'
+    assert 'did not compile' in '\n'.join(r['fallback']['first_run']['tail'])
+    js.unlink()
+    # no fallback for a part that ran out of time, nor without one
+    slow = [sys.executable, '-c', 'import time; time.sleep(30)']
+    r = gpu_check.run_part({'cmd': slow, 'json': str(js), 'fallback': write}, 2, log, None)
+    assert r['status'] == 'timeout' and 'fallback' not in r and r['result'] is None and not js.exists()
+    r = gpu_check.run_part({'cmd': fail, 'json': str(js)}, 60, log, None)
+    assert r['status'] == 'failed' and 'fallback' not in r
 
 
 def test_wheel_folder_checks(tmp_path):
