@@ -125,7 +125,7 @@ DISTS = (
   *(w.split('==')[0] for w in GPU_WHEELS + GPU_SDISTS),
 )
 
-PAPER_FPS = {'DI-MaskDINO': 7.7, 'MaskDINO': 8.0}  # R50, RTX 3090 (the paper's Table 1)
+PAPER_FPS = {'DI-MaskDINO': 7.7, 'MaskDINO': 8.0}  # R50, RTX 3090, as the paper reports them (issue 19)
 GOALS = {'pallas_vs_xla': 2.0, 'fps_vs_paper': 2.0, 'train_gib_per_image': 12.0}
 GIB = 2**30
 
