@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tuned for XLA:CPU (see ../shared/reference/jax_stack.md, deformable attention section).
 export XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type=-reduce
 
-.PHONY: setup setup-torch setup-cuda-compile test lint demo clean
+.PHONY: setup setup-torch setup-cuda-compile test lint demo clean gpu-wheels official-src
 
 setup: $(STAMP)
 
@@ -43,6 +43,18 @@ test: lint setup-torch setup-cuda-compile
 
 demo: setup
 	$(BIN)/python -m dimaskdino_jax.demo --workdir runs/demo
+
+# The GPU check (benchmarks/gpu_check.py, README "Running the GPU check"): the Python 3.12 manylinux x86-64 wheels of
+# the packages the GPU machine lacks, into an ignored folder, with a size check (at most 50 MiB); and the source files
+# of the official code for its check 5, into another. Any python with pip will do; neither touches the venv.
+GPU_WHEELS ?= .whl
+gpu-wheels:
+	$(PY) benchmarks/gpu_check.py --download-wheels $(GPU_WHEELS)
+
+OFFICIAL_DIMASKDINO ?= /work/official/DI-MaskDINO
+OFFICIAL_DETECTRON2 ?= /work/official/detectron2
+official-src:
+	$(PY) benchmarks/gpu_check.py --prepare-official $(OFFICIAL_DIMASKDINO) $(OFFICIAL_DETECTRON2) --dest .official
 
 clean:
 	rm -rf $(VENV) runs

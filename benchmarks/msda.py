@@ -1,6 +1,7 @@
 """Times multi-scale deformable attention: forward and forward+backward, median ms per implementation.
 
   python benchmarks/msda.py --json msda.json [--sizes encoder,decoder,shapes] [--repeats N] [--impls ...]
+      [--torch-device cuda]
 
 Sizes (fp32, 4 levels x 4 points):
   encoder: 1 image, levels 128^2/64^2/32^2/16^2 = 21,760 tokens, 8 heads x 32 channels, queries = all tokens;
@@ -9,8 +10,11 @@ Sizes (fp32, 4 levels x 4 points):
            16 channels, queries = all tokens.
 Implementations: `xla`, `dense` and `reference` (kernels.ms_deform_attn), `pallas` (GPU only), `torch`
 (PyTorch pure reference with F.grid_sample per level, like Deformable DETR's ms_deform_attn_core_pytorch; only
-when torch is importable). Also prints a memory-traffic floor per size from a measured copy bandwidth.
-Writes {size: {impl: {"fwd_ms": .., "fwdbwd_ms": ..}}} to --json, with the floor under the key "floor".
+when torch is importable; --torch-device cuda runs it on the GPU). Also prints a memory-traffic floor per size from
+a measured copy bandwidth: on a GPU backend the device's (a jitted a + 1 over 1 GiB, read + write), else the host's
+(a numpy copy). Writes {size: {impl: {"fwd_ms": .., "fwdbwd_ms": ..}}} to --json, with the floor under the key
+"floor" and the bandwidth under the top-level key "bandwidth" ({"gbs", "source"}); an implementation that fails
+gets {"error": message} and the others still run.
 """
 
 import os
@@ -84,19 +88,26 @@ def time_jax(impl, shapes, inputs, repeats):
   }
 
 
-def time_torch(shapes, inputs, repeats):
+def time_torch(shapes, inputs, repeats, device='cpu'):
   import torch
 
   torch.set_num_threads(os.cpu_count() or 1)
-  value, loc, attn, cot = (torch.from_numpy(np.asarray(x)) for x in inputs)
+  value, loc, attn, cot = (torch.from_numpy(np.asarray(x)).to(device) for x in inputs)
+  sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+
+  def fwd():
+    torch_reference.ms_deform_attn_torch(value, shapes, loc, attn)
+    sync()
+
   with torch.no_grad():
-    fwd_ms = _median_ms(lambda: torch_reference.ms_deform_attn_torch(value, shapes, loc, attn), repeats)
+    fwd_ms = _median_ms(fwd, repeats)
   v, lc, a = (x.clone().requires_grad_(True) for x in (value, loc, attn))
 
   def fwdbwd():
     for x in (v, lc, a):
       x.grad = None
     (torch_reference.ms_deform_attn_torch(v, shapes, lc, a) * cot).sum().backward()
+    sync()
 
   return {'fwd_ms': fwd_ms, 'fwdbwd_ms': _median_ms(fwdbwd, repeats)}
 
@@ -109,6 +120,19 @@ def copy_bandwidth_gbs():
   for _ in range(5):
     t = time.perf_counter()
     np.copyto(b, a)
+    best = min(best, time.perf_counter() - t)
+  return 2 * a.nbytes / best / 1e9
+
+
+def device_copy_bandwidth_gbs():
+  """Read + write bandwidth of a jitted a + 1 over a 1 GiB float32 array on the default device, GB/s (best of 5)."""
+  a = jnp.ones(2**28, jnp.float32)
+  f = jax.jit(lambda x: x + 1)
+  jax.block_until_ready(f(a))
+  best = float('inf')
+  for _ in range(5):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
     best = min(best, time.perf_counter() - t)
   return 2 * a.nbytes / best / 1e9
 
@@ -133,6 +157,7 @@ def main():
   parser.add_argument('--sizes', default='encoder,decoder', help='comma-separated subset of: ' + ','.join(SIZES))
   parser.add_argument('--repeats', type=int, default=5, help='timed runs per figure (after one warm-up)')
   parser.add_argument('--impls', default='xla,dense,reference,pallas,torch', help='comma-separated implementations')
+  parser.add_argument('--torch-device', default='cpu', help="device of the torch reference ('cpu', 'cuda')")
   args = parser.parse_args()
   sizes = [s for s in args.sizes.split(',') if s]
   for s in sizes:
@@ -148,11 +173,14 @@ def main():
       print('torch is not importable: skipping the torch reference')
       impls.remove('torch')
 
-  bandwidth = copy_bandwidth_gbs()
+  if jax.default_backend() == 'gpu':
+    bandwidth, source = device_copy_bandwidth_gbs(), f'jax a + 1 on {jax.devices()[0].device_kind}'
+  else:
+    bandwidth, source = copy_bandwidth_gbs(), 'numpy host copy'
   print(
     f'jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs); XLA_FLAGS={os.environ["XLA_FLAGS"]}'
   )
-  print(f'measured copy bandwidth: {bandwidth:.1f} GB/s (read + write)')
+  print(f'measured copy bandwidth: {bandwidth:.1f} GB/s (read + write; {source})')
   results = {}
   for size in sizes:
     shapes = SIZES[size][1]
@@ -162,10 +190,15 @@ def main():
       if impl == 'dense' and not msda.dense_fits(*inputs[1].shape[:3], inputs[0].shape[1]):
         print(f'  {size:8s} dense      skipped: its sampling matrix is larger than dense.DENSE_MAX_ELEMENTS')
         continue
-      if impl == 'torch':
-        r = time_torch(shapes, inputs, args.repeats)
-      else:
-        r = time_jax(impl, shapes, inputs, args.repeats)
+      try:  # one implementation failing (e.g. a kernel that does not compile) leaves the others' figures
+        if impl == 'torch':
+          r = time_torch(shapes, inputs, args.repeats, args.torch_device)
+        else:
+          r = time_jax(impl, shapes, inputs, args.repeats)
+      except Exception as e:  # noqa: BLE001 - recorded in the JSON and printed
+        results[size][impl] = {'error': f'{type(e).__name__}: {str(e)[:2000]}'}
+        print(f'  {size:8s} {impl:10s} FAILED: {type(e).__name__}: {str(e)[:300]}', flush=True)
+        continue
       results[size][impl] = r
       print(f'  {size:8s} {impl:10s} fwd {r["fwd_ms"]:9.1f} ms   fwd+bwd {r["fwdbwd_ms"]:9.1f} ms', flush=True)
     f, fb = floor_ms(size, bandwidth)
@@ -177,9 +210,12 @@ def main():
   for size, by_impl in results.items():
     for impl, r in by_impl.items():
       name = f'floor ({bandwidth:.1f} GB/s)' if impl == 'floor' else impl
+      if 'error' in r:
+        print(f'| {size} | {name} | failed | failed |')
+        continue
       print(f'| {size} | {name} | {r["fwd_ms"]:.1f} | {r["fwdbwd_ms"]:.1f} |')
   with open(args.json, 'w') as fh:
-    json.dump(results, fh, indent=2)
+    json.dump({**results, 'bandwidth': {'gbs': bandwidth, 'source': source}}, fh, indent=2)
   print(f'wrote {args.json}')
 
 

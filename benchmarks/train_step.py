@@ -4,10 +4,12 @@
 
 Random images and GT boxes/masks of the config's shapes (no dataset needed). Prints compile seconds, the median
 step time after warm-up, the trainable parameter count and XLA's memory analysis of the compiled step (arguments,
-outputs, temporaries). `--config.train.trainable=mask_branch` times the Mask Frozen-DETR mode (only the mask branch
+outputs, temporaries; on a GPU also the device's peak bytes in use). `--json OUT` writes these figures (per image
+too). `--config.train.trainable=mask_branch` times the Mask Frozen-DETR mode (only the mask branch
 differentiated and updated; optimizer state for it only).
 """
 
+import json
 import os
 import sys
 import time
@@ -31,7 +33,15 @@ from dimaskdino_jax.training.trainer import batch_to_device, init_state, make_tr
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/shapes.py', 'config file')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps')
 _BS = flags.DEFINE_integer('batch_size', 0, 'batch size (0 = config)')
+_JSON = flags.DEFINE_string('json', None, 'write the figures (times, memory, per image) to this file')
+_FAST = flags.DEFINE_bool(
+  'fast_compile', False, "XLA's lowest optimization level (quick CPU smoke tests of this script; never for timings)"
+)
 _LOSS_ONLY = flags.DEFINE_bool('loss_only', False, 'time only the losses (matching + criterion) on fixed predictions')
+
+
+# XLA options for a quick compile (CPU smoke runs of the benchmark scripts, e.g. benchmarks/gpu_check.py --cpu-smoke).
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 def fake_batch(config, bsz, rng):
@@ -88,14 +98,19 @@ def main(argv):
     jax.ShapeDtypeStruct(shape, jnp.uint8),
   )['params']
   tx = optim_lib.build_optimizer(config, partition.trainable_params(config, params_shape))
-  state = init_state(config, model, tx, shape)
+  if _FAST.value:  # the init compiled with the same options, as one program
+    state = jax.jit(lambda: init_state(config, model, tx, shape)).lower().compile(compiler_options=FAST_COMPILE)()
+  else:
+    state = init_state(config, model, tx, shape)
   rng = np.random.default_rng(0)
   batches = [batch_to_device(fake_batch(config, bsz, rng)) for _ in range(3)]
   if _LOSS_ONLY.value:
     time_losses(config, model, state, batches[0])
     return
   t0 = time.perf_counter()
-  step = jax.jit(make_train_step(config, model, tx), donate_argnums=0).lower(state, batches[0]).compile()
+  options = FAST_COMPILE if _FAST.value else None
+  step = jax.jit(make_train_step(config, model, tx), donate_argnums=0).lower(state, batches[0])
+  step = step.compile(compiler_options=options)
   mem = step.memory_analysis()
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state['opt_state']))
   state, m = step(state, batches[0])
@@ -123,6 +138,38 @@ def main(argv):
       f'{mib(mem.output_size_in_bytes)}, temporaries {mib(mem.temp_size_in_bytes)}, aliased '
       f'{mib(mem.alias_size_in_bytes)}'
     )
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  if peak is not None:
+    print(f'device peak bytes in use: {peak / 2**30:.2f} GiB ({peak / bsz / 2**30:.2f} GiB per image)')
+  if _JSON.value:
+    result = {
+      'config': config.name,
+      'batch_size': bsz,
+      'canvas': int(config.data.image_size),
+      'remat': bool(config.model.remat),
+      'backbone_dtype': str(config.model.backbone.dtype),
+      'msda_impl': str(config.model.msda_impl),
+      'backend': jax.default_backend(),
+      'device_kind': jax.devices()[0].device_kind,
+      'devices': jax.device_count(),
+      'steps': _STEPS.value,
+      'fast_compile': _FAST.value,
+      'compile_s': round(compile_s, 3),
+      'median_ms': round(float(np.median(times)) * 1e3, 3),
+      'images_per_s': round(bsz / float(np.median(times)), 3),
+      'loss': float(m['loss']),
+      'device_peak_bytes': peak,
+      'device_peak_bytes_per_image': None if peak is None else peak / bsz,
+    }
+    if mem is not None:
+      xla_peak = (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+      )
+      result.update(xla_temp_bytes=int(mem.temp_size_in_bytes), xla_peak_bytes=int(xla_peak))
+      result['xla_peak_bytes_per_image'] = xla_peak / bsz
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=1)
 
 
 if __name__ == '__main__':

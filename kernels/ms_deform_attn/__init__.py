@@ -67,7 +67,8 @@ _GPU_PLATFORMS = ('cuda', 'rocm', 'gpu')
 @contextlib.contextmanager
 def lowering_for(platforms):
   """Within the block, traces pick their implementation for `platforms` (e.g. ('cuda',) or ('cpu', 'cuda'))
-  instead of the default backend. None = no change."""
+  instead of the default backend. None = no change. For GPU platforms only, on a machine without a GPU, jax >= 0.11
+  also gets an abstract GPU device (`gpu_target_without_gpu`)."""
   if platforms is None:
     yield
     return
@@ -76,9 +77,23 @@ def lowering_for(platforms):
     raise ValueError('lowering_for: platforms must be non-empty (or None)')
   _LOWERING_FOR.append(platforms)
   try:
-    yield
+    with gpu_target_without_gpu(platforms):
+      yield
   finally:
     _LOWERING_FOR.pop()
+
+
+def gpu_target_without_gpu(platforms):
+  """A context in which jax >= 0.11 lowers Pallas to Triton for `platforms` (GPU ones) without a GPU: its Triton
+  lowering reads the target from the device, or, with none, from an abstract mesh's abstract device (here an H100,
+  compute capability 9.0, one device on an axis that is not `data`). jax 0.10 needs none; nor does a GPU machine."""
+  gpu_only = all(p in _GPU_PLATFORMS for p in platforms)
+  if not gpu_only or jax.default_backend() == 'gpu' or jax.__version_info__ < (0, 11):
+    return contextlib.nullcontext()
+  from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+  device = AbstractDevice(device_kind='NVIDIA H100', num_cores=132, platform='gpu')
+  return use_abstract_mesh(AbstractMesh((1,), ('gpu_target',), abstract_device=device))
 
 
 def target_platforms() -> tuple[str, ...]:

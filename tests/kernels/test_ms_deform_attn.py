@@ -428,13 +428,15 @@ def test_pallas_triton_lowering_without_gpu():
   # Runs the Pallas -> Triton lowering (interpret=False) for the cuda platform on this CPU-only machine: catches
   # lowering errors (non-power-of-2 arrays, unsupported indexing) without a GPU. Shapes chosen so that queries
   # (20), points (3 levels x 2 = 6) and channels (5) all need padding. It does not run Triton's own compiler.
+  from kernels import ms_deform_attn as msda
   from kernels.ms_deform_attn.pallas import ms_deform_attn_pallas
 
   value, loc, attn = make_inputs(30, n=2, lq=20, m=3, d=5, p=2)
   starts = (0, 35, 47)
   fwd = jax.jit(lambda v, lc, a: ms_deform_attn_pallas(v, SHAPES, starts, lc, a, False))
   try:
-    lowered = fwd.trace(value, loc, attn).lower(lowering_platforms=('cuda',))
+    with msda.gpu_target_without_gpu(('cuda',)):  # jax >= 0.11 without a GPU: an abstract GPU device
+      lowered = fwd.trace(value, loc, attn).lower(lowering_platforms=('cuda',))
   except Exception as e:  # noqa: BLE001 - decide below whether this jaxlib can lower for cuda at all
     if 'cuda' in str(e).lower() and 'platform' in str(e).lower():
       pytest.skip(f'this jaxlib cannot lower for cuda without a GPU: {e}')
@@ -442,7 +444,8 @@ def test_pallas_triton_lowering_without_gpu():
   assert lowered.as_text().count('__gpu$xla.gpu.triton') == 1
   # The gradient: the forward kernel and the backward kernel (with its atomic value gradient), nothing else.
   loss = lambda v, lc, a: jnp.sum(ms_deform_attn_pallas(v, SHAPES, starts, lc, a, False) ** 2)
-  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(value, loc, attn).lower(lowering_platforms=('cuda',))
+  with msda.gpu_target_without_gpu(('cuda',)):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(value, loc, attn).lower(lowering_platforms=('cuda',))
   text = text.as_text()
   assert text.count('__gpu$xla.gpu.triton') == 2
   assert 'scatter' not in text  # the value gradient is the kernel's atomics, not the pure-JAX scatter-add
