@@ -133,7 +133,8 @@ class Predictor(nn.Module):
   # ------------------------------------------------------------------------------------------- forward
   def __call__(self, multi_scale, mask_features, targets=None, train=False, all_layer_masks=False):
     """The paper's Figure 2. multi_scale: the encoder's maps [(B, H/8, W/8, d), ..., (B, H/64, W/64, d)];
-    mask_features F (B, Hm, Wm, d); targets (dict 'boxes', 'labels', 'valid', optionally 'dn_noise': a DnNoise) feed the DN queries when `train`.
+    mask_features F (B, Hm, Wm, d); targets (dict 'boxes', 'labels', 'valid', optionally 'dn_noise': a DnNoise)
+    feed the DN queries when `train`.
     """
     selection_ks = tuple(self.cfg.di.selection_ks)
     extras = {}  # intermediate tensors for analysis and the parity tests
