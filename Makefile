@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Tuned for XLA:CPU (see ../shared/reference/jax_stack.md, deformable attention section).
+# Tuned for XLA:CPU (docs/jax_notes.md, "Deformable attention on XLA:CPU").
 export XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type=-reduce
 
 .PHONY: setup setup-torch setup-cuda-compile test lint demo clean gpu-wheels official-src

@@ -19,7 +19,7 @@ gets {"error": message} and the others still run.
 
 import os
 
-# Must be set before jax is imported (see shared/reference/jax_stack.md: 14x on this op).
+# Must be set before jax is imported (docs/jax_notes.md: 14x on this op).
 if 'ynn_fusion_type' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_experimental_ynn_fusion_type=-reduce'

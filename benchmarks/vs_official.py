@@ -124,8 +124,9 @@ def load_official_losses():
 
 
 def official_criterion(SetCriterion, HungarianMatcher, p):
-  """The criterion MaskDINO.from_config builds for the R50 COCO config (reference section 0: weights 4/5/5/5/2,
-  12544 points, oversample 3, importance 0.75, DN 'seg', deep supervision over the decoder and the TI layers)."""
+  """The criterion MaskDINO.from_config builds for the R50 COCO config (docs/architecture.md, "Losses":
+  weights 4/5/5/5/2, 12544 points, oversample 3, importance 0.75, DN 'seg', deep supervision over the decoder and
+  the TI layers)."""
   base = {'loss_ce': 4.0, 'loss_mask': 5.0, 'loss_dice': 5.0, 'loss_bbox': 5.0, 'loss_giou': 2.0}
   weights = dict(base)
   weights.update({k + '_interm': v for k, v in base.items()})

@@ -1,4 +1,5 @@
-"""Official DI-MaskDINO / MaskDINO `.pth` checkpoints and ImageNet ResNets -> our variables (reference section 6).
+"""Official DI-MaskDINO / MaskDINO `.pth` checkpoints and ImageNet ResNets -> our variables
+(docs/architecture.md, "Checkpoints").
 
     sd = read_state_dict('model_final.pth')               # {'model': sd} or a bare state_dict; numpy arrays
     variables = convert_state_dict(sd, config)             # {'params': ..., 'frozen_bn': ...}; strict

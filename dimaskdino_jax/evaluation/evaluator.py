@@ -3,7 +3,7 @@
     metrics = evaluate(config, {'params': ..., 'frozen_bn': ...}, out_dir='runs/x/eval')
     metrics['bbox']['AP'], metrics['segm']['AP']     # percent; also written to out_dir/metrics.json
 
-Flow (DESIGN.md, "Evaluation"): `EvalLoader` yields static batches grouped by canvas; one jitted `predict`
+Flow (docs/architecture.md, "Evaluation"): `EvalLoader` yields static batches grouped by canvas; one jitted `predict`
 (model.apply in inference mode + `select_topk` on the device, k = config.eval.detections_per_image) compiles once
 per canvas shape and is reused by later `evaluate` calls with the same model (e.g. the trainer's periodic
 evaluation); while the device runs batch i + 1, the host post-processes batch i (`postprocess_batch`: mask

@@ -1,4 +1,4 @@
-"""Losses and Hungarian matching (reference section 4): matcher.py, point_sampling.py, criterion.py."""
+"""Losses and Hungarian matching (docs/architecture.md, "Losses"): matcher.py, point_sampling.py, criterion.py."""
 
 from dimaskdino_jax.losses.criterion import compute_losses, dn_assignment, loss_weights
 from dimaskdino_jax.losses.matcher import gt_for_queries, hungarian_match, matching_costs

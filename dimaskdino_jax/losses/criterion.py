@@ -1,4 +1,4 @@
-"""The training losses of DI-MaskDINO (`SetCriterion`, reference section 4.2, DN in section 3).
+"""The training losses of DI-MaskDINO (`SetCriterion`, docs/architecture.md, "Losses" and "Denoising queries").
 
 `compute_losses(predictions, targets, rng, config)` matches every supervised set of predictions to the GT (all
 matchings of the step in one host callback, see matcher.py), computes the named loss terms of the official code
@@ -224,7 +224,8 @@ def matched_loss_sums(head, targets, query_for_gt, loss_cfg, uniform=None):
 
 
 def dn_assignment(dn_info, targets, num_classes):
-  """The fixed DN assignment (reference section 3): slot s of image b reconstructs GT `gt_index[b, s]`.
+  """The fixed DN assignment (docs/architecture.md, "Denoising queries"): slot s of image b reconstructs GT
+  `gt_index[b, s]`.
 
   Returns (class_targets (B, S, C) float32: one-hot for positive slots, zeros for the other active slots;
   class_weight (B, S) float32: 1 on active slots, 0 on inactive padding slots (excluded from every loss);

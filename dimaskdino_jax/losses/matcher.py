@@ -1,4 +1,4 @@
-"""Hungarian matching (reference section 4.1): cost matrices in JAX, one host call to scipy per step.
+"""Hungarian matching (docs/architecture.md, "Losses"): cost matrices in JAX, one host call to scipy per step.
 
 The costs follow `HungarianMatcher.memory_efficient_forward` of the official code, computed in fp32 without
 gradient:
@@ -33,7 +33,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def focal_class_cost(logits, gt_labels, alpha=0.25, gamma=2.0):
-  """Focal-style class cost, logits (Q, C), gt_labels (G,) -> (Q, G) (reference 4.1, eps 1e-8 as the code)."""
+  """Focal-style class cost, logits (Q, C), gt_labels (G,) -> (Q, G) (eps 1e-8 as the official code)."""
   p = jax.nn.sigmoid(logits.astype(jnp.float32))
   neg = (1 - alpha) * (p**gamma) * (-jnp.log(1 - p + 1e-8))
   pos = alpha * ((1 - p) ** gamma) * (-jnp.log(p + 1e-8))

@@ -1,4 +1,4 @@
-"""Point sampling of mask maps (reference sections 4.1 and 4.2).
+"""Point sampling of mask maps (docs/architecture.md, "Losses").
 
 `point_sample` is torch's `grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)` for points
 given in [0, 1] (x, y) of the map: the pixel coordinate is `x * W - 0.5`, and taps outside the map read 0.
@@ -69,7 +69,7 @@ def num_uniform_draws(num_points, oversample_ratio, importance_sample_ratio):
 
 
 def uncertain_point_coords(logits, rng, num_points, oversample_ratio, importance_sample_ratio, uniform=None):
-  """PointRend importance sampling of points on mask logits, without gradient (reference section 4.2).
+  """PointRend importance sampling of points on mask logits, without gradient (docs/architecture.md, "Losses").
 
   Draws int(num_points * oversample_ratio) uniform points per map, keeps the int(importance_sample_ratio *
   num_points) with the largest uncertainty -|logit| (bilinearly sampled), and appends fresh uniform points up to

@@ -1,4 +1,5 @@
-"""Denoising (DN) queries and the decoder self-attention mask with static shapes (reference section 3).
+"""Denoising (DN) queries and the decoder self-attention mask with static shapes
+(docs/architecture.md, "Denoising queries").
 
 The official code pads DN to `pad_size = groups * max_gt` slots, a shape that changes every batch. Here DN
 always has S = `dn.num` slots; `groups = S // max_gt` and `max_gt` are traced values. Slots past

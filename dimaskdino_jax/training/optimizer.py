@@ -1,4 +1,4 @@
-"""The optimizer of the official `Trainer.build_optimizer` (reference section 5, "Optimizer") in optax.
+"""The optimizer of the official `Trainer.build_optimizer` (docs/architecture.md, "Training settings") in optax.
 
     clip_by_global_norm(optim.clip_norm)              full-model L2 clipping (`clip_grad_norm_(all params)`)
     -> AdamW(b1, b2, eps), decoupled weight decay     torch AdamW: p -= lr_g * (adam + wd_g * p)
@@ -145,7 +145,8 @@ def _adamw_groups(
 
 
 def build_optimizer(config, params) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW with per-group lr / weight decay (reference 5), MultiSteps if accumulating.
+  """clip_by_global_norm -> AdamW with per-group lr / weight decay (docs/architecture.md, "Training settings"),
+  MultiSteps if accumulating.
 
   params: the parameter tree (or its abstract shapes) whose paths define the groups (`param_labels`);
   config.model.backbone.freeze_at (if set) freezes backbone stages.

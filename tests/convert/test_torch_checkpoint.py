@@ -45,7 +45,7 @@ def tiny():
 
 def test_r50_state_dict_has_the_official_keys():
   """The R50 model maps to 716 keys holding 52,286,232 unique parameters: the counts of the official state_dict
-  (reference section 12, computed by running the official code); names spot-checked against section 6."""
+  (computed by running the official code); names spot-checked against docs/architecture.md, "Checkpoints"."""
   c = load_config(os.path.join(REPO, 'configs', 'dimaskdino_r50_coco.py'))
   shapes = tc.model_shapes(c)
   sd = tc.to_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes), c)

@@ -154,7 +154,8 @@ def np_matched_losses(logits, boxes, targets, query_for_gt, alpha=0.25, gamma=2.
 
 
 def np_match_cost(logits, boxes, labels, gt_boxes, weights, masks=None, gt_masks=None, points=None):
-  """(Q, n) matching cost of one image against its n valid GT, from reference 4.1 (loops, float64)."""
+  """(Q, n) matching cost of one image against its n valid GT, as docs/architecture.md "Losses" describes it
+  (loops, float64)."""
   logits = np.asarray(logits, np.float64)
   q, n = logits.shape[0], len(labels)
   cost = np.zeros((q, n))

@@ -1,4 +1,5 @@
-"""Matching costs vs a NumPy implementation of reference 4.1; the host Hungarian solve vs scipy's optimum."""
+"""Matching costs vs a NumPy implementation of the costs (docs/architecture.md, "Losses"); the host Hungarian
+solve vs scipy's optimum."""
 
 import jax
 import jax.numpy as jnp

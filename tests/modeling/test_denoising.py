@@ -1,4 +1,4 @@
-"""The DN layout and self-attention mask rules of reference section 3, with static shapes."""
+"""The DN layout and self-attention mask rules (docs/architecture.md, "Denoising queries"), with static shapes."""
 
 import jax
 import jax.numpy as jnp

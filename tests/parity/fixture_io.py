@@ -93,7 +93,7 @@ def on_grid(rng, shape, std):
 
 
 # ------------------------------------------------------------------------------------------------ full size
-# The official R50 COCO configuration (configs/dimaskdino_r50_coco.py, reference section 0): 52,286,232 parameters.
+# The official R50 COCO configuration (configs/dimaskdino_r50_coco.py): 52,286,232 parameters.
 FULL = dict(
   num_classes=80,
   hidden_dim=256,

@@ -8,7 +8,8 @@ github.com/facebookresearch/detectron2 (only its pure-Python files are loaded: t
 ImageList, Boxes, Instances, sem_seg_postprocess). Neither is installed or copied into this project: their modules
 are loaded from those paths with small stand-ins for what needs compiled code or packages we do not have (fvcore's
 init helpers, the registries, `configurable`, torchvision's box_area, the deformable-attention CUDA op, whose absence
-makes the official MSDeformAttn take its grid_sample fallback) and with `.cuda()` made a no-op (reference section 12).
+makes the official MSDeformAttn take its grid_sample fallback) and with `.cuda()` made a no-op
+(docs/official_vs_paper.md).
 
 What it writes (see fixture_io.py for the configuration and the weight encoding):
   state_dict.npz  the official model's state_dict (every parameter random, FrozenBN statistics random)

@@ -34,7 +34,8 @@ and 594 of k1 = 600 with scores 2.7755575 and 2.775557), and every stage after i
 although both orders are correct. So the comparison forces the official choice (ForcedSelections: while our model is
 traced, selection.topk_indices returns the official indices) and checks instead that the official choice is a top-k
 of our scores within the stage's tolerance (test_selections); our own differing ranks are printed. The exact ties of
-reference section 12 (invalid border proposals of the 1/8 level from ~400 px) are a special case of the same check.
+invalid border proposals of the 1/8 level from ~400 px (docs/official_vs_paper.md, "Quirks this code reproduces")
+are a special case of the same check.
 """
 
 import json

@@ -1,4 +1,5 @@
-"""Optimizer (reference 5): parameter groups, lr schedule, clipping, weight decay, accumulation, torch AdamW parity."""
+"""Optimizer (docs/architecture.md, "Training settings"): parameter groups, lr schedule, clipping, weight decay,
+accumulation, torch AdamW parity."""
 
 import functools
 
