@@ -92,51 +92,13 @@ def train_inputs():
 
 
 # ------------------------------------------------------------------------------------------------ official side
-def load_official_losses():
-  """The official SetCriterion and HungarianMatcher modules (after make_fixtures.install_shims, which stubs them):
-  detectron2's point_features (PointRend project) and comm are pure Python; torchvision._is_tracing is a stand-in."""
-  import importlib
-  import importlib.util
-
-  import tests.parity.make_fixtures as mf
-
-  d2 = sys.modules['detectron2']
-  layers = sys.modules['detectron2.layers']
-  layers.cat = importlib.import_module('detectron2.layers.wrappers').cat
-  sys.modules['torchvision']._is_tracing = lambda: False
-  importlib.import_module('detectron2.utils.comm')
-  projects = mf._package('detectron2.projects')
-  d2.projects = projects
-  projects.point_rend = mf._package('detectron2.projects.point_rend')
-  root = os.path.dirname(d2.__path__[0])  # the detectron2 checkout
-  path = os.path.join(root, 'projects', 'PointRend', 'point_rend', 'point_features.py')
-  spec = importlib.util.spec_from_file_location('detectron2.projects.point_rend.point_features', path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  pkg = sys.modules['dimaskdino'].__path__[0]
-  mf._package('dimaskdino.utils', os.path.join(pkg, 'utils'))
-  for name in ('dimaskdino.modeling.criterion', 'dimaskdino.modeling.matcher'):
-    sys.modules.pop(name, None)
-  criterion = importlib.import_module('dimaskdino.modeling.criterion')
-  matcher = importlib.import_module('dimaskdino.modeling.matcher')
-  return criterion.SetCriterion, matcher.HungarianMatcher
-
-
 def official_criterion(SetCriterion, HungarianMatcher, p):
   """The criterion MaskDINO.from_config builds for the R50 COCO config (docs/architecture.md, "Losses":
   weights 4/5/5/5/2, 12544 points, oversample 3, importance 0.75, DN 'seg', deep supervision over the decoder and
   the TI layers)."""
-  base = {'loss_ce': 4.0, 'loss_mask': 5.0, 'loss_dice': 5.0, 'loss_bbox': 5.0, 'loss_giou': 2.0}
-  weights = dict(base)
-  weights.update({k + '_interm': v for k, v in base.items()})
-  weights.update({k + '_dn': v for k, v in list(weights.items())})
-  layer = dict(weights)
-  for i in range(p['dec_layers']):
-    weights.update({k + f'_{i}': v for k, v in layer.items()})
-  full = dict(weights)
-  for i in range(p['ti_layers']):
-    weights.update({'oldm_' + k + f'_{i}': v for k, v in full.items()})
+  import tests.parity.make_fixtures as mf
+
+  weights = mf.official_weight_dict(p['dec_layers'], p['ti_layers'])
   matcher = HungarianMatcher(
     cost_class=4.0, cost_mask=5.0, cost_dice=5.0, cost_box=5.0, cost_giou=2.0, num_points=12544
   )
@@ -209,12 +171,13 @@ def worker_official_train(args):
   from tests.parity.fixture_io import FULL
 
   model = official_model(args).train()
-  SetCriterion, HungarianMatcher = load_official_losses()
-  if args.device == 'cpu':  # prepare_for_dn moves tensors with .to('cuda') (install_shims covers only .cuda())
-    to = torch.Tensor.to
-    torch.Tensor.to = (
-      lambda t, *a, **k: t if a and isinstance(a[0], str) and a[0].startswith('cuda') else to(t, *a, **k)
-    )
+  import tests.parity.make_fixtures as mf
+
+  # The official SetCriterion / HungarianMatcher with PointRend's point_features; `.to('cuda')` made a no-op.
+  criterion_module, matcher_module = mf.install_training_shims(
+    os.path.abspath(args.official), os.path.abspath(args.detectron2)
+  )
+  SetCriterion, HungarianMatcher = criterion_module.SetCriterion, matcher_module.HungarianMatcher
   criterion, weights = official_criterion(SetCriterion, HungarianMatcher, FULL)
   backbone = [p for n, p in model.named_parameters() if n.startswith('backbone.')]
   rest = [p for n, p in model.named_parameters() if not n.startswith('backbone.')]
