@@ -134,14 +134,14 @@ class LabelMap:
     return np.asarray(self.category_ids, np.int64)[np.asarray(labels, np.int64)]
 
   def _id_to_label(self) -> dict[int, int]:
-    return {c: i for i, c in enumerate(self.category_ids)}
+    return {category_id: label for label, category_id in enumerate(self.category_ids)}
 
   def to_json(self) -> dict:
     return {'category_ids': list(self.category_ids), 'names': list(self.names)}
 
   @classmethod
-  def from_json(cls, d: dict) -> 'LabelMap':
-    return cls(tuple(int(c) for c in d['category_ids']), tuple(str(n) for n in d['names']))
+  def from_json(cls, data: dict) -> 'LabelMap':
+    return cls(tuple(int(c) for c in data['category_ids']), tuple(str(n) for n in data['names']))
 
 
 @dataclasses.dataclass
@@ -238,19 +238,26 @@ class CocoDataset:
     source file or clipped to the image (a counted repair).
     """
     images, annotations = [], []
-    for r in self.images:
-      images.append({'id': r.image_id, 'file_name': r.file_name, 'height': r.height, 'width': r.width})
-      for a in r.annotations:
-        ann = {
-          'id': a.ann_id,
-          'image_id': r.image_id,
-          'category_id': a.category_id,
-          'bbox': [float(v) for v in a.bbox],
-          'area': float(a.area),
-          'iscrowd': int(a.iscrowd),
+    for image_record in self.images:
+      images.append(
+        {
+          'id': image_record.image_id,
+          'file_name': image_record.file_name,
+          'height': image_record.height,
+          'width': image_record.width,
         }
-        if a.rle is not None:
-          ann['segmentation'] = {'size': list(a.rle['size']), 'counts': a.rle['counts']}
+      )
+      for record in image_record.annotations:
+        ann = {
+          'id': record.ann_id,
+          'image_id': image_record.image_id,
+          'category_id': record.category_id,
+          'bbox': [float(v) for v in record.bbox],
+          'area': float(record.area),
+          'iscrowd': int(record.iscrowd),
+        }
+        if record.rle is not None:
+          ann['segmentation'] = {'size': list(record.rle['size']), 'counts': record.rle['counts']}
         annotations.append(ann)
     return {'images': images, 'annotations': annotations, 'categories': self.categories}
 
@@ -304,26 +311,26 @@ def rle_counts_from_string(counts: str) -> list[int]:
   Raises ValueError for a character outside the alphabet, a truncated value or a negative run length.
   """
   out: list[int] = []
-  p, n = 0, len(counts)
-  while p < n:
-    x, k, more = 0, 0, True
+  pos, length = 0, len(counts)
+  while pos < length:
+    value, shift, more = 0, 0, True
     while more:
-      if p >= n:
+      if pos >= length:
         raise ValueError('truncated RLE counts')
-      c = ord(counts[p]) - 48
-      if not 0 <= c < 64:
-        raise ValueError(f'character {counts[p]!r} is not RLE data')
-      x |= (c & 0x1F) << (5 * k)
-      more = bool(c & 0x20)
-      p += 1
-      k += 1
-      if not more and c & 0x10:
-        x |= -1 << (5 * k)
+      char = ord(counts[pos]) - 48
+      if not 0 <= char < 64:
+        raise ValueError(f'character {counts[pos]!r} is not RLE data')
+      value |= (char & 0x1F) << (5 * shift)
+      more = bool(char & 0x20)
+      pos += 1
+      shift += 1
+      if not more and char & 0x10:
+        value |= -1 << (5 * shift)
     if len(out) > 2:
-      x += out[-2]
-    if x < 0:
+      value += out[-2]
+    if value < 0:
       raise ValueError('negative run length')
-    out.append(x)
+    out.append(value)
   return out
 
 
@@ -404,10 +411,10 @@ def decode_rles(counts: Sequence, height: int, width: int) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(masks, (2, 0, 1)))
 
 
-def exif_orientation(im: Image.Image) -> int:
+def exif_orientation(image: Image.Image) -> int:
   """The EXIF orientation tag of an open image (1 = none; 2..8 = flips and rotations)."""
   try:
-    value = int(im.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    value = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
   except (OSError, SyntaxError, ValueError, TypeError):
     return 1
   return value if 1 <= value <= 8 else 1
@@ -428,10 +435,10 @@ def check_image_file(path: str, height: int, width: int) -> ImageCheck:
   if not os.path.isfile(path):
     return ImageCheck(MISSING_IMAGE_FILE, path)
   try:
-    with Image.open(path) as im:
-      raw_hw, mode, orientation = (im.height, im.width), im.mode, exif_orientation(im)
-      im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
-      im.load()
+    with Image.open(path) as image:
+      raw_hw, mode, orientation = (image.height, image.width), image.mode, exif_orientation(image)
+      image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
+      image.load()
   except Image.DecompressionBombError as e:
     return ImageCheck(IMAGE_TOO_LARGE, f'{path}: {e}')
   except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -482,17 +489,18 @@ def _has_segmentation(ann) -> bool:
   return isinstance(ann, dict) and ann.get('segmentation') not in (None, [], {}, '')
 
 
-def _image_entry(i: int, im) -> tuple[int, str, int, int]:
-  """(id, file_name, height, width) of images[i]; _Skip(MALFORMED_IMAGE_ENTRY) for values of the wrong type."""
+def _image_entry(index: int, entry) -> tuple[int, str, int, int]:
+  """(id, file_name, height, width) of images[index]; _Skip(MALFORMED_IMAGE_ENTRY) for values of the wrong type."""
   try:
-    image_id = int(im['id'])
-    height, width = int(im['height']), int(im['width'])
-    if isinstance(im['id'], bool) or height <= 0 or width <= 0 or not isinstance(im['file_name'], str):
+    image_id = int(entry['id'])
+    height, width = int(entry['height']), int(entry['width'])
+    if isinstance(entry['id'], bool) or height <= 0 or width <= 0 or not isinstance(entry['file_name'], str):
       raise ValueError
   except (TypeError, ValueError):
-    detail = f'images[{i}]: id {im["id"]!r}, file_name {im["file_name"]!r}, size {im["height"]!r}x{im["width"]!r}'
+    size = f'{entry["height"]!r}x{entry["width"]!r}'
+    detail = f'images[{index}]: id {entry["id"]!r}, file_name {entry["file_name"]!r}, size {size}'
     raise _Skip(MALFORMED_IMAGE_ENTRY, detail) from None
-  return image_id, im['file_name'], height, width
+  return image_id, entry['file_name'], height, width
 
 
 def _int_or_none(value) -> int | None:
@@ -546,10 +554,10 @@ def load_coco_instances(
   repaired_images, repaired_anns = SkipCounter(), SkipCounter()
   entries = []  # (image_id, file_name, height, width, path) of well-formed, first-seen image entries
   seen_image_ids = set()
-  for i, im in enumerate(raw_images):
-    _require_keys(path, f'images[{i}]', im, ['id', 'file_name', 'height', 'width'])
+  for i, entry in enumerate(raw_images):
+    _require_keys(path, f'images[{i}]', entry, ['id', 'file_name', 'height', 'width'])
     try:
-      image_id, file_name, height, width = _image_entry(i, im)
+      image_id, file_name, height, width = _image_entry(i, entry)
     except _Skip as e:
       skipped_images.add(e.reason, e.detail)
       continue

@@ -260,5 +260,5 @@ class PreparedDataset:
 
 def load_prepared(config, split: str | None = None) -> PreparedDataset:
   """The prepared split `split` (default config.data.val_split) of config.data.name under config.data.data_dir."""
-  d = config.data
-  return PreparedDataset(d.data_dir, d.name, split or d.val_split)
+  data_cfg = config.data
+  return PreparedDataset(data_cfg.data_dir, data_cfg.name, split or data_cfg.val_split)

@@ -45,22 +45,22 @@ log = logging.getLogger(__name__)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def to_rgb(im: Image.Image) -> np.ndarray:
+def to_rgb(image: Image.Image) -> np.ndarray:
   """An open PIL image of any mode -> (H, W, 3) uint8 RGB.
 
   16-bit modes ('I;16*', and 'I', as 16-bit PNGs and TIFFs load) are scaled by 255 / 65535 (PIL's own convert
   would clip them at 255); 'F' is clipped to [0, 255]; grayscale, palette, CMYK and alpha modes go through PIL's
   convert('RGB') (alpha dropped).
   """
-  if im.mode == 'RGB':
-    return np.asarray(im)
-  if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
-    a = np.asarray(im).astype(np.float32)
-    if im.mode != 'F':
-      a = a * (255.0 / 65535.0)
-    gray = np.clip(np.round(a), 0, 255).astype(np.uint8)
+  if image.mode == 'RGB':
+    return np.asarray(image)
+  if image.mode.startswith('I;16') or image.mode in ('I', 'F'):
+    pixels = np.asarray(image).astype(np.float32)
+    if image.mode != 'F':
+      pixels = pixels * (255.0 / 65535.0)
+    gray = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
-  return np.asarray(im.convert('RGB'))
+  return np.asarray(image.convert('RGB'))
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -148,17 +148,17 @@ def transform_masks(masks, flip, new_hw, offset, canvas_hw) -> list[CanvasMask]:
   cols = _nearest_index(new_hw[1], w, x0, cw)  # source column (in the flipped image) of each canvas column
   out = []
   for i in range(len(masks)):
-    m = masks[i]
+    mask = masks[i]
     if flip:
-      m = m[:, ::-1]
-    ys, xs = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+      mask = mask[:, ::-1]
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     if len(ys) == 0:
       out.append(CanvasMask(np.zeros((0, 0), bool), 0, 0))
       continue
     a0, a1 = np.searchsorted(rows, [ys[0], ys[-1] + 1])
     b0, b1 = np.searchsorted(cols, [xs[0], xs[-1] + 1])
-    sub = m[rows[a0:a1, None], cols[None, b0:b1]].astype(bool)
-    out.append(CanvasMask(sub, int(a0), int(b0)))
+    canvas_part = mask[rows[a0:a1, None], cols[None, b0:b1]].astype(bool)
+    out.append(CanvasMask(canvas_part, int(a0), int(b0)))
   return out
 
 
@@ -173,16 +173,17 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
   return boxes
 
 
-def _downsample_into(out: np.ndarray, cm: CanvasMask, stride: int) -> None:
-  """Writes cm into out (Hc/s, Wc/s) uint8: a cell is 1 when >= half of its s x s pixels are in the mask."""
-  hh, ww = cm.mask.shape
+def _downsample_into(out: np.ndarray, canvas_mask: CanvasMask, stride: int) -> None:
+  """Writes canvas_mask into out (Hc/s, Wc/s) uint8: a cell is 1 when >= half of its s x s pixels are in the mask."""
+  mask, y0, x0 = canvas_mask.mask, canvas_mask.y0, canvas_mask.x0
+  hh, ww = mask.shape
   if stride == 1:
-    out[cm.y0 : cm.y0 + hh, cm.x0 : cm.x0 + ww] = cm.mask
+    out[y0 : y0 + hh, x0 : x0 + ww] = mask
     return
-  ay0, ax0 = cm.y0 // stride * stride, cm.x0 // stride * stride  # the cell-aligned region around the mask
-  ay1, ax1 = -(-(cm.y0 + hh) // stride) * stride, -(-(cm.x0 + ww) // stride) * stride
+  ay0, ax0 = y0 // stride * stride, x0 // stride * stride  # the cell-aligned region around the mask
+  ay1, ax1 = -(-(y0 + hh) // stride) * stride, -(-(x0 + ww) // stride) * stride
   padded = np.zeros((ay1 - ay0, ax1 - ax0), np.uint8)
-  padded[cm.y0 - ay0 : cm.y0 - ay0 + hh, cm.x0 - ax0 : cm.x0 - ax0 + ww] = cm.mask
+  padded[y0 - ay0 : y0 - ay0 + hh, x0 - ax0 : x0 - ax0 + ww] = mask
   counts = padded.reshape((ay1 - ay0) // stride, stride, (ax1 - ax0) // stride, stride).sum(axis=(1, 3))
   out[ay0 // stride : ay1 // stride, ax0 // stride : ax1 // stride] = 2 * counts >= stride * stride
 
@@ -190,14 +191,14 @@ def _downsample_into(out: np.ndarray, cm: CanvasMask, stride: int) -> None:
 def downsample_masks(masks: np.ndarray, canvas_hw, stride: int) -> np.ndarray:
   """(N, h, w) bool masks at the top-left of a canvas -> (N, Hc/s, Wc/s) uint8 by area average >= 0.5."""
   out = np.zeros((masks.shape[0], canvas_hw[0] // stride, canvas_hw[1] // stride), np.uint8)
-  for i, m in enumerate(masks):
-    _downsample_into(out[i], CanvasMask(m.astype(bool), 0, 0), stride)
+  for i, mask in enumerate(masks):
+    _downsample_into(out[i], CanvasMask(mask.astype(bool), 0, 0), stride)
   return out
 
 
 def pack_targets(masks: list[CanvasMask], labels, canvas_hw, max_instances: int, stride: int) -> dict:
   """Transformed masks + labels (N,) -> fixed-size targets (see the module docstring)."""
-  areas = np.array([m.area for m in masks], np.int64)
+  areas = np.array([canvas_mask.area for canvas_mask in masks], np.int64)
   keep = np.nonzero(areas > 0)[0]
   num_dropped = max(0, len(keep) - max_instances)
   if num_dropped:
@@ -212,10 +213,11 @@ def pack_targets(masks: list[CanvasMask], labels, canvas_hw, max_instances: int,
   valid[:n] = True
   out_masks = np.zeros((max_instances, hc // stride, wc // stride), np.uint8)
   for slot, i in enumerate(keep):
-    cm = masks[i]
-    bx0, by0, bx1, by1 = masks_to_boxes(cm.mask[None])[0] + np.array([cm.x0, cm.y0, cm.x0, cm.y0], np.float32)
+    canvas_mask = masks[i]
+    corner = np.array([canvas_mask.x0, canvas_mask.y0, canvas_mask.x0, canvas_mask.y0], np.float32)
+    bx0, by0, bx1, by1 = masks_to_boxes(canvas_mask.mask[None])[0] + corner
     boxes[slot] = ((bx0 + bx1) / (2 * wc), (by0 + by1) / (2 * hc), (bx1 - bx0) / wc, (by1 - by0) / hc)
-    _downsample_into(out_masks[slot], cm, stride)
+    _downsample_into(out_masks[slot], canvas_mask, stride)
   return {
     'boxes': boxes,
     'labels': out_labels,
@@ -253,13 +255,13 @@ def pack_box_targets(boxes, labels, canvas_hw, max_instances: int) -> dict:
   n = len(keep)
   hc, wc = canvas_hw
   out_boxes = np.zeros((max_instances, 4), np.float32)
-  b = boxes[keep]
+  kept = boxes[keep]
   out_boxes[:n] = np.stack(
     [
-      (b[:, 0] + b[:, 2]) / (2 * wc),
-      (b[:, 1] + b[:, 3]) / (2 * hc),
-      (b[:, 2] - b[:, 0]) / wc,
-      (b[:, 3] - b[:, 1]) / hc,
+      (kept[:, 0] + kept[:, 2]) / (2 * wc),
+      (kept[:, 1] + kept[:, 3]) / (2 * hc),
+      (kept[:, 2] - kept[:, 0]) / wc,
+      (kept[:, 3] - kept[:, 1]) / hc,
     ],
     axis=1,
   )
@@ -317,16 +319,16 @@ class TrainTransform:
 
   @classmethod
   def from_config(cls, config, with_masks: bool = True) -> 'TrainTransform':
-    d = config.data
+    data_cfg = config.data
     return cls(
-      kind=d.train_transform,
-      image_size=int(d.image_size),
-      min_scale=float(d.min_scale),
-      max_scale=float(d.max_scale),
-      random_flip=bool(d.random_flip),
-      pad_value=int(d.pad_value),
-      max_instances=int(d.max_instances),
-      mask_stride=int(d.mask_stride),
+      kind=data_cfg.train_transform,
+      image_size=int(data_cfg.image_size),
+      min_scale=float(data_cfg.min_scale),
+      max_scale=float(data_cfg.max_scale),
+      random_flip=bool(data_cfg.random_flip),
+      pad_value=int(data_cfg.pad_value),
+      max_instances=int(data_cfg.max_instances),
+      mask_stride=int(data_cfg.mask_stride),
       with_masks=with_masks,
     )
 
@@ -344,12 +346,12 @@ class TrainTransform:
 
   def blank_example(self) -> dict:
     """A pad_value image with no targets and record_error True (what a bad record becomes)."""
-    s, g = self.image_size, self.max_instances
-    out = {'image': np.full((s, s, 3), self.pad_value, np.uint8)}
+    size, max_instances = self.image_size, self.max_instances
+    out = {'image': np.full((size, size, 3), self.pad_value, np.uint8)}
     if self.with_masks:
-      out.update(pack_targets([], np.zeros((0,), np.int32), (s, s), g, self.mask_stride))
+      out.update(pack_targets([], np.zeros((0,), np.int32), (size, size), max_instances, self.mask_stride))
     else:
-      out.update(pack_box_targets(np.zeros((0, 4)), np.zeros((0,), np.int32), (s, s), g))
+      out.update(pack_box_targets(np.zeros((0, 4)), np.zeros((0,), np.int32), (size, size), max_instances))
     out['record_error'] = np.bool_(True)
     return out
 

@@ -334,121 +334,195 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None, u
     DN slot}, sets 'final', 'aux', 'interm' (leading dims as the set's predictions; D = num_uniform_draws).
     The mask losses are then taken per set (vmapped), not in the `looped_mask_loss_sums` loop.
   Returns (total, terms): the weighted sum and a dict of scalar terms named as in the official code.
+
+  The steps: which prediction sets are supervised (`supervised_sets`, `denoising_layers`); the random points of the
+  mask costs and losses (`_point_uniforms`); one Hungarian matching of every set (`_hungarian_matches`); the loss
+  sums of each set under its matching or, for denoising, under the fixed assignment (`_named_terms`); their
+  weighted sum (`weighted_total`).
   """
-  lc, mc = config.loss, config.matcher
-  alpha, gamma = float(lc.focal_alpha), float(lc.focal_gamma)
-  use_masks = bool(lc.mask_losses)
-  valid = jnp.asarray(targets['valid'], bool)
-  targets = {**targets, 'valid': valid}
-  if use_masks and 'masks' not in targets:
+  loss_cfg, match_cfg = config.loss, config.matcher
+  targets = _checked_targets(targets, loss_cfg)
+  num_masks = _num_masks(targets['valid'], num_masks_override)
+  sets, di_stages = supervised_sets(predictions, loss_cfg)
+  dn = denoising_layers(predictions, loss_cfg)
+  if bool(loss_cfg.mask_losses):
+    _check_mask_outputs(sets, predictions, dn)
+    targets = _with_pixel_centre_gt(targets, predictions, loss_cfg, match_cfg)
+  # Point-sampled mask losses: taken in a loop over the stacked sets (`looped_mask_loss_sums`), their points drawn
+  # there from k_loss; the dense ones (and all class / box terms) vmapped over each set's stack in `_named_terms`.
+  looped = bool(loss_cfg.mask_losses) and int(loss_cfg.num_points) != 0 and uniforms is None
+  if looped:
+    rng, k_loss = jax.random.split(rng)
+  uniforms = _point_uniforms(rng, uniforms, sets, predictions, loss_cfg, match_cfg)
+  matches = _hungarian_matches(sets, targets, uniforms, loss_cfg, match_cfg)
+  assignment = None
+  if dn is not None:
+    assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1])
+  mask_sums = {}
+  if looped:
+    mask_sums = _looped_mask_terms(predictions, sets, matches, assignment, dn, targets['masks'], k_loss, loss_cfg)
+  terms = _named_terms(
+    predictions, sets, di_stages, matches, dn, assignment, mask_sums, targets, uniforms, num_masks, loss_cfg
+  )
+  return weighted_total(terms, loss_cfg), terms
+
+
+class DenoisingLayers(NamedTuple):
+  """The DN predictions that get losses: the last decoder layer's, or every layer's with deep supervision."""
+
+  heads: HeadOutputs  # (count, B, S, ...)
+  count: int
+
+
+def _checked_targets(targets, loss_cfg):
+  """targets with 'valid' as bool; 'masks' required with mask losses."""
+  if bool(loss_cfg.mask_losses) and 'masks' not in targets:
     raise ValueError("compute_losses: config.loss.mask_losses is True but targets has no 'masks'")
+  return {**targets, 'valid': jnp.asarray(targets['valid'], bool)}
+
+
+def _num_masks(valid, num_masks_override):
+  """The normalizer of every term: the number of valid GT of the batch (or the override), clamped >= 1."""
   if num_masks_override is None:
     num_masks = jnp.sum(valid).astype(jnp.float32)
   else:
     num_masks = jnp.asarray(num_masks_override, jnp.float32)
-  num_masks = jnp.maximum(num_masks, 1.0)
+  return jnp.maximum(num_masks, 1.0)
 
-  n_layers = predictions.num_layers
-  deep = bool(lc.deep_supervision) and n_layers > 1
-  # The Hungarian-matched sets: name -> (head with leading dims (..., B, Q, ...), mask costs and losses).
+
+def _deep(predictions, loss_cfg):
+  return bool(loss_cfg.deep_supervision) and predictions.num_layers > 1
+
+
+def supervised_sets(predictions, loss_cfg):
+  """The Hungarian-matched sets of predictions of a step.
+
+  Returns (sets, di_stages): sets maps a name to (head with leading dims (..., B, Q, ...), whether it has mask
+  costs and losses): 'final' (B, Q), 'aux' (N - 1, B, Q) with deep supervision, 'interm' (B, K) with the encoder
+  selection's losses, 'di_aux_{j}' (T, B, K_j) for DI selection stage j (class + box only); di_stages lists the DI
+  stages' heads in order.
+  """
+  use_masks = bool(loss_cfg.mask_losses)
   sets = {'final': (predictions.final, use_masks)}
-  if deep:
-    sets['aux'] = (_stacked(predictions.layers, slice(0, n_layers - 1)), use_masks)
-  if lc.interm_losses:
+  if _deep(predictions, loss_cfg):
+    sets['aux'] = (_stacked(predictions.layers, slice(0, predictions.num_layers - 1)), use_masks)
+  if loss_cfg.interm_losses:
     sets['interm'] = (predictions.interm, use_masks)
-  di_stages = []  # DI token-interaction outputs, (T, B, K_j, ...) per selection stage; class + box only
-  if lc.di_aux_losses and predictions.di_aux is not None:
+  di_stages = []
+  if loss_cfg.di_aux_losses and predictions.di_aux is not None:
     di_stages = [predictions.di_aux, *predictions.di_aux_more]
   for j, head in enumerate(di_stages):
     sets[f'di_aux_{j}'] = (head, False)
-  with_dn = predictions.dn is not None and predictions.dn_info is not None
-  n_dn = 0
-  if with_dn:
-    n_dn = predictions.dn.logits.shape[0] if deep else 1
-    dn_heads = _stacked(predictions.dn, slice(predictions.dn.logits.shape[0] - n_dn, None))  # last, or all
-  if use_masks:
-    for name, (head, with_masks) in sets.items():
-      if with_masks:
-        _check_masks(head, name)
-    if with_dn:
-      _check_masks(predictions.dn, 'dn')
+  return sets, di_stages
 
-  dense_loss = int(lc.num_points) == 0  # mask losses / costs at every pixel of the mask map
-  dense_match = int(mc.num_points) == 0
-  if use_masks and (dense_loss or dense_match):
+
+def denoising_layers(predictions, loss_cfg):
+  """DenoisingLayers of the step, or None without denoising queries."""
+  if predictions.dn is None or predictions.dn_info is None:
+    return None
+  total = predictions.dn.logits.shape[0]
+  count = total if _deep(predictions, loss_cfg) else 1
+  return DenoisingLayers(_stacked(predictions.dn, slice(total - count, None)), count)
+
+
+def _check_mask_outputs(sets, predictions, dn):
+  for name, (head, with_masks) in sets.items():
+    if with_masks:
+      _check_masks(head, name)
+  if dn is not None:
+    _check_masks(predictions.dn, 'dn')
+
+
+def _with_pixel_centre_gt(targets, predictions, loss_cfg, match_cfg):
+  """With dense mask losses or costs (num_points = 0): targets['mask_points'] (B, G, Hm * Wm), the GT at the
+  pixel centres of the predicted mask map."""
+  if int(loss_cfg.num_points) == 0 or int(match_cfg.num_points) == 0:
     hm, wm = predictions.final.masks.shape[-2:]
-    targets['mask_points'] = gt_at_pixel_centers(targets['masks'], hm, wm)  # (B, G, Hm * Wm)
-  # Point-sampled mask losses: taken in a loop over the stacked sets (`looped_mask_loss_sums`), their points drawn
-  # there from k_loss; the dense ones (and all class / box terms) vmapped over each set's stack below.
-  looped = use_masks and not dense_loss and uniforms is None
-  if looped:
-    rng, k_loss = jax.random.split(rng)
+    targets = {**targets, 'mask_points': gt_at_pixel_centers(targets['masks'], hm, wm)}
+  return targets
+
+
+def _point_uniforms(rng, given, sets, predictions, loss_cfg, match_cfg):
+  """The uniform values of the matcher's mask-cost points ('match_<set>': (..., B, P, 2)), drawn from rng or the
+  `given` ones checked; with dense mask losses also 'loss_<set>' / 'loss_dn' = DENSE."""
+  use_masks = bool(loss_cfg.mask_losses)
+  dense_loss = int(loss_cfg.num_points) == 0
   shapes = {}
   for name, (head, with_masks) in sets.items():
-    if with_masks and not dense_match:
-      shapes['match_' + name] = (*head.logits.shape[:-2], int(mc.num_points), 2)  # (..., B, P, 2)
-  if uniforms is not None:
-    uniforms = _given_uniforms(uniforms, shapes, use_masks and not dense_loss, sets, predictions, lc)
+    if with_masks and int(match_cfg.num_points) != 0:
+      shapes['match_' + name] = (*head.logits.shape[:-2], int(match_cfg.num_points), 2)  # (..., B, P, 2)
+  if given is not None:
+    uniforms = _given_uniforms(given, shapes, use_masks and not dense_loss, sets, predictions, loss_cfg)
   else:
     uniforms = _draw_uniforms(rng, shapes) if shapes else {}
   if use_masks and dense_loss:
     uniforms.update({'loss_' + name: DENSE for name, (_, with_masks) in sets.items() if with_masks})
     uniforms['loss_dn'] = DENSE
+  return uniforms
+
+
+def _hungarian_matches(sets, targets, uniforms, loss_cfg, match_cfg):
+  """name -> query_for_gt ((..., B, G) int32, -1 = no query): every set matched in one host call."""
+  dense_match = int(match_cfg.num_points) == 0
 
   def mask_cost_args(name, with_masks):
     if with_masks and dense_match:
       return {'gt_points': targets['mask_points']}
     return {'points': uniforms.get('match_' + name)}
 
+  alpha, gamma = float(loss_cfg.focal_alpha), float(loss_cfg.focal_gamma)
   costs = [
-    matcher.matching_costs(head, targets, mc, alpha=alpha, gamma=gamma, **mask_cost_args(name, with_masks))
+    matcher.matching_costs(head, targets, match_cfg, alpha=alpha, gamma=gamma, **mask_cost_args(name, with_masks))
     for name, (head, with_masks) in sets.items()
   ]
-  matches = dict(zip(sets, matcher.hungarian_match(costs, valid)))
-  mask_sums = {}
-  if looped:
-    assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1]) if with_dn else None
-    mask_sums = _looped_mask_terms(predictions, sets, matches, assignment, n_dn, targets['masks'], k_loss, lc)
+  return dict(zip(sets, matcher.hungarian_match(costs, targets['valid'])))
 
+
+def _vmapped(fn, num_lead, *args):
+  """fn(*args, uniform) vmapped over num_lead leading axes of args; uniform (the last arg) is an array, DENSE or
+  None (a string or None is closed over, not mapped)."""
+  *args, uniform = args
+  if isinstance(uniform, str):
+    mapped, args = (lambda *a: fn(*a, uniform)), tuple(args)
+  else:
+    mapped, args = fn, (*args, uniform)
+  for _ in range(num_lead):
+    mapped = jax.vmap(mapped)
+  return mapped(*args)
+
+
+def _named_terms(
+  predictions, sets, di_stages, matches, dn, assignment, mask_sums, targets, uniforms, num_masks, loss_cfg
+):
+  """Every normalized loss term of the step, named as in the official code (see the module docstring), in the
+  order final, denoising, aux layers, encoder selection, DI layers."""
   terms = {}
 
   def add(prefix, suffix, sums, denom, index=None):
     for base, value in sums.items():
       terms[f'{prefix}{base}{suffix}'] = (value if index is None else value[index]) / denom
 
-  def vmapped(fn, num_lead, *args):
-    """fn(*args, uniform) vmapped over num_lead leading axes of args; uniform is an array, DENSE or None."""
-    *args, u = args
-    if isinstance(u, str):  # static: closed over, not mapped
-      g_fn, args = (lambda *a: fn(*a, u)), tuple(args)
-    else:
-      g_fn, args = fn, (*args, u)
-    for _ in range(num_lead):
-      g_fn = jax.vmap(g_fn)
-    return g_fn(*args)
-
   def set_sums(name):
     head = sets[name][0]
-    fn = lambda h, q, u: matched_loss_sums(h, targets, q, lc, u)
-    sums = vmapped(fn, len(head.logits.shape[:-3]), head, matches[name], uniforms.get('loss_' + name))
+    fn = lambda h, q, u: matched_loss_sums(h, targets, q, loss_cfg, u)
+    sums = _vmapped(fn, len(head.logits.shape[:-3]), head, matches[name], uniforms.get('loss_' + name))
     return {**sums, **mask_sums.get(name, {})}
 
   add('', '', set_sums('final'), num_masks)
 
-  if with_dn:
-    assignment = dn_assignment(predictions.dn_info, targets, predictions.dn.logits.shape[-1])
+  if dn is not None:
     groups = jnp.asarray(predictions.dn_info.num_groups, jnp.float32)
     dn_denom = num_masks * jnp.maximum(groups, 1.0)
-    fn = lambda h, u: dn_loss_sums(h, targets, assignment, lc, u)
-    sums = {**vmapped(fn, 1, dn_heads, uniforms.get('loss_dn')), **mask_sums.get('dn', {})}
+    fn = lambda h, u: dn_loss_sums(h, targets, assignment, loss_cfg, u)
+    sums = {**_vmapped(fn, 1, dn.heads, uniforms.get('loss_dn')), **mask_sums.get('dn', {})}
     sums = {k: jnp.where(groups > 0, v, 0.0) for k, v in sums.items()}  # DN skipped this step: zero terms
     add('', '_dn', sums, dn_denom, -1)
-    for i in range(n_dn - 1):
+    for i in range(dn.count - 1):
       add('', f'_dn_{i}', sums, dn_denom, i)
 
-  if deep:
+  if 'aux' in sets:
     sums = set_sums('aux')
-    for i in range(n_layers - 1):
+    for i in range(predictions.num_layers - 1):
       add('', f'_{i}', sums, num_masks, i)
 
   if 'interm' in sets:
@@ -460,15 +534,19 @@ def compute_losses(predictions, targets, rng, config, num_masks_override=None, u
     for i in range(head.logits.shape[0]):
       add('oldm_', f'_{offset + i}', sums, num_masks, i)
     offset += head.logits.shape[0]
+  return terms
 
-  weights = loss_weights(lc)
+
+def weighted_total(terms, loss_cfg):
+  """sum(weight * term) over the terms in their order, the weight of each term its base name's."""
+  weights = loss_weights(loss_cfg)
   total = jnp.zeros((), jnp.float32)
   for name, value in terms.items():
     total = total + weights[_base_name(name)] * value
-  return total, terms
+  return total
 
 
-def _looped_mask_terms(predictions, sets, matches, assignment, n_dn, gt_masks, key, loss_cfg):
+def _looped_mask_terms(predictions, sets, matches, assignment, dn, gt_masks, key, loss_cfg):
   """The point-sampled loss_mask / loss_dice sums of every mask set: name -> {'loss_mask', 'loss_dice'} shaped
   like that set's other sums (scalars; (L,) for the stacked 'aux' and 'dn').
 
@@ -490,12 +568,11 @@ def _looped_mask_terms(predictions, sets, matches, assignment, n_dn, gt_masks, k
     groups.setdefault(1, []).append(('layers', matched(predictions.layers.masks[-1:], matches['final'][None])))
   if assignment is not None:
     _, _, gt_index, positive = assignment
-    dn_masks = predictions.dn.masks[predictions.dn.masks.shape[0] - n_dn :]
-    lead = (n_dn, *gt_index.shape)
+    lead = (dn.count, *gt_index.shape)
     pairs = MaskPairs(
-      dn_masks, None, jnp.broadcast_to(gt_index, lead), jnp.broadcast_to(positive.astype(jnp.float32), lead)
+      dn.heads.masks, None, jnp.broadcast_to(gt_index, lead), jnp.broadcast_to(positive.astype(jnp.float32), lead)
     )
-    groups.setdefault(n_dn, []).append(('dn', pairs))
+    groups.setdefault(dn.count, []).append(('dn', pairs))
   if 'interm' in sets and sets['interm'][1]:
     groups.setdefault(1, []).append(('interm', matched(predictions.interm.masks[None], matches['interm'][None])))
   out = {}
