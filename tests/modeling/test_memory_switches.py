@@ -15,7 +15,7 @@ def test_remat_gives_the_same_outputs_and_gradients():
   small = {'model.encoder.num_layers': 2, 'model.decoder.num_layers': 2}
   plain, remat = build_model(tiny_config(**small)), build_model(tiny_config(**small, **{'model.remat': True}))
   images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
-  variables = plain.init({'params': jax.random.key(0), 'dn': jax.random.key(1)}, images)
+  variables = jax.jit(plain.init)({'params': jax.random.key(0), 'dn': jax.random.key(1)}, images)  # eager init: ~1 min
 
   def objective(model):
     def f(params):
