@@ -1,0 +1,226 @@
+r"""Where the time of a jitted R50 inference or training step goes, by model stage (XLA:CPU or GPU trace).
+
+  python benchmarks/profile_ops.py --task infer [--canvas 800 1216] [--depth 3] [--json OUT]
+  python benchmarks/profile_ops.py --task train [--depth 3] [--json OUT]
+  python benchmarks/profile_ops.py --task official-infer --official PATH --detectron2 PATH [--runs 3]
+
+The same model, weights and inputs as benchmarks/vs_official.py (the official R50 COCO model drawn from
+tests/parity/fixture_io.FULL_SEED; inference: skimage's coffee at 800 x 1200 on an 800 x 1216 canvas; training: its
+two 512 x 512 photographs with 3 and 5 instances and train.py's jitted step). One call is traced with
+`jax.profiler.trace` after a warm-up call; every XLA op of the trace is attributed to the model path in its HLO
+metadata (`op_name`, e.g. `pixel_decoder/encoder_layers_3/self_attn`), cut to --depth components after the
+transformations (jvp / transpose / checkpoint) are removed, and summed. Prints a table of the stages by time
+(milliseconds of op execution, summed over the threads that ran them, and the share of the total op time) and the
+ten most expensive single ops; host callbacks (the Hungarian matching) appear under their own name.
+
+--task official-infer times the official model's inference on the same image by its modules (forward hooks on the
+backbone, the pixel decoder and its deformable encoder, the transformer decoder; the rest of the call is the
+official pre- and post-processing), median of --runs after a warm-up, torch with all cores.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Parts of an op_name that are transformations, not model structure.
+_TRANSFORM = re.compile(
+  r'^(jit\(.*\)|jvp\(.*\)|transpose\(.*\)|checkpoint|remat|rematted_computation|vmap\(.*\)|pjit)$'
+)
+
+
+def op_paths(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> op_name metadata, from a compiled module's text."""
+  out = {}
+  for m in re.finditer(r'%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]*)"', hlo_text):
+    out.setdefault(m.group(1), m.group(2))
+  return out
+
+
+def stage_of(op_name: str, depth: int) -> str:
+  """'jit(step)/jvp(DIMaskDINO)/pixel_decoder/encoder_layers_3/self_attn/jit(ms_deform_attn_xla)/gather' ->
+  'pixel_decoder/encoder_layers_3/self_attn' at depth 3 (a backward op keeps its forward op's path)."""
+  parts = [p for p in op_name.split('/') if p and not _TRANSFORM.match(p)]
+  if parts and parts[0] in ('DIMaskDINO', 'model'):
+    parts = parts[1:]
+  return '/'.join(parts[:depth]) or '(outside the model)'
+
+
+def trace_op_times(fn, args, out_dir) -> dict[str, tuple[float, int]]:
+  """hlo_op -> (total ms, count) of one traced call of fn(*args)."""
+  with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+    jax.block_until_ready(fn(*args))
+  (path,) = glob.glob(os.path.join(out_dir, '**', 'perfetto_trace.json.gz'), recursive=True)
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  times = collections.defaultdict(lambda: [0.0, 0])
+  for e in events:
+    op = (e.get('args') or {}).get('hlo_op')
+    if e.get('ph') == 'X' and op:
+      times[op][0] += e.get('dur', 0) / 1e3
+      times[op][1] += 1
+  return {k: (v[0], v[1]) for k, v in times.items()}
+
+
+def infer_call():
+  import vs_official as vo
+
+  from dimaskdino_jax.modeling.model import build_model
+
+  config = vo.our_config(False)
+  variables = vo.our_variables(config)
+  model = build_model(config)
+  image = vo.infer_image()
+  canvas = np.zeros((1, *ARGS.canvas, 3), np.uint8)
+  canvas[0, : image.shape[0], : image.shape[1]] = image
+  hw = np.array([image.shape[:2]], np.int32)
+  fn = jax.jit(lambda v, x, hw: model.apply(v, x, image_hw=hw, train=False))
+  return fn, (variables, jnp.asarray(canvas), jnp.asarray(hw))
+
+
+def train_call():
+  import vs_official as vo
+
+  step, state, batch = vo.our_train_step()
+  return step, (state, batch)
+
+
+def official_infer_stages(runs):
+  """Median ms of the official model's stages on the inference image (forward hooks; CPU, so synchronous)."""
+  import torch
+  import vs_official as vo
+
+  args = argparse.Namespace(official=ARGS.official, detectron2=ARGS.detectron2, threads=os.cpu_count(), device='cpu')
+  model = vo.official_model(args).eval()
+  # (module, method) per stage; the pixel decoder is entered through forward_features, so methods are wrapped.
+  stages = {
+    'backbone': (model.backbone, 'forward'),
+    'pixel_decoder (deformable encoder + mask features)': (model.sem_seg_head.pixel_decoder, 'forward_features'),
+    'pixel_decoder: deformable encoder': (model.sem_seg_head.pixel_decoder.transformer, 'forward'),
+    'predictor (DI, BATO, decoder, heads)': (model.sem_seg_head.predictor, 'forward'),
+  }
+  spans = collections.defaultdict(list)
+
+  def timed(name, method):
+    def wrapper(*a, **k):
+      t0 = time.perf_counter()
+      out = method(*a, **k)
+      spans[name].append(time.perf_counter() - t0)
+      return out
+
+    return wrapper
+
+  for name, (module, attr) in stages.items():
+    setattr(module, attr, timed(name, getattr(module, attr)))
+  image = vo.infer_image()
+  inputs = [{'image': torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()}]
+  inputs[0].update(height=image.shape[0], width=image.shape[1])
+  totals = []
+  with torch.no_grad():
+    for _ in range(runs + 1):
+      t0 = time.perf_counter()
+      model(inputs)[0]['instances'].pred_masks.sum().item()
+      totals.append(time.perf_counter() - t0)
+  out = {name: 1e3 * float(np.median(v[1:])) for name, v in spans.items()}
+  out['whole call'] = 1e3 * float(np.median(totals[1:]))
+  top = ('backbone', 'pixel_decoder (deformable encoder + mask features)', 'predictor (DI, BATO, decoder, heads)')
+  out['rest (pre- and post-processing)'] = out['whole call'] - sum(out[k] for k in top)
+  print(
+    f'official inference by module, median of {runs} after a warm-up (torch {torch.__version__}, '
+    f'{torch.get_num_threads()} threads)\n| module | ms |\n|---|---|'
+  )
+  for name, ms in out.items():
+    print(f'| {name} | {ms:.0f} |')
+  return out
+
+
+def main(argv=None):
+  global ARGS
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--task', choices=('infer', 'train', 'official-infer'), default='infer')
+  parser.add_argument('--official', default='', help='DI-MaskDINO checkout (--task official-infer)')
+  parser.add_argument('--detectron2', default='', help='detectron2 checkout (--task official-infer)')
+  parser.add_argument('--runs', type=int, default=3, help='timed runs (--task official-infer)')
+  parser.add_argument('--canvas', type=int, nargs=2, default=(800, 1216))
+  parser.add_argument('--depth', type=int, default=3, help='model path components per stage')
+  parser.add_argument('--json', default='')
+  ARGS = parser.parse_args(argv)
+  if ARGS.task == 'official-infer':
+    result = official_infer_stages(ARGS.runs)
+    if ARGS.json:
+      with open(ARGS.json, 'w') as f:
+        json.dump({'task': ARGS.task, 'stages_ms': result}, f, indent=1)
+    return
+
+  fn, args = infer_call() if ARGS.task == 'infer' else train_call()
+  lowered = fn.lower(*args)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  paths = op_paths(compiled.as_text())
+  call = compiled
+  if ARGS.task == 'train':  # the step donates its state: keep feeding it the new one
+    state, batch = args
+
+    def call(s, b):
+      nonlocal state
+      state, metrics = compiled(state, b)
+      return metrics
+
+    args = (state, batch)
+  t0 = time.perf_counter()
+  jax.block_until_ready(call(*args))
+  warm_s = time.perf_counter() - t0
+  with tempfile.TemporaryDirectory() as out_dir:
+    t0 = time.perf_counter()
+    op_times = trace_op_times(call, args, out_dir)
+    traced_s = time.perf_counter() - t0
+  stages = collections.defaultdict(float)
+  for op, (ms, _) in op_times.items():
+    stages[stage_of(paths.get(op, op), ARGS.depth)] += ms
+  total = sum(stages.values())
+  print(
+    f'{ARGS.task}: compile {compile_s:.1f} s, warm-up call {warm_s:.2f} s, traced call {traced_s:.2f} s wall; '
+    f'op time {total / 1e3:.2f} s (summed over threads)'
+  )
+  print('| stage | ms | share |\n|---|---|---|')
+  for name, ms in sorted(stages.items(), key=lambda kv: -kv[1]):
+    if ms >= 0.005 * total:
+      print(f'| {name} | {ms:.0f} | {100 * ms / total:.1f} % |')
+  print('\nmost expensive ops:')
+  for op, (ms, count) in sorted(op_times.items(), key=lambda kv: -kv[1][0])[:10]:
+    print(f'  {ms:8.0f} ms {count:3d}x {op}: {paths.get(op, "?")[:140]}')
+  if ARGS.json:
+    with open(ARGS.json, 'w') as f:
+      json.dump(
+        {
+          'task': ARGS.task,
+          'compile_s': compile_s,
+          'warm_s': warm_s,
+          'traced_s': traced_s,
+          'stages_ms': dict(stages),
+          'ops_ms': {k: v[0] for k, v in op_times.items()},
+        },
+        f,
+        indent=1,
+      )
+
+
+if __name__ == '__main__':
+  main()
