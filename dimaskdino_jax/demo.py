@@ -3,8 +3,9 @@
   python -m dimaskdino_jax.demo --workdir runs/demo [--steps N] [--config configs/shapes.py]
 
 Writes (if missing) and prepares the shapes dataset, trains the config (resuming if WORKDIR has checkpoints),
-evaluates COCO bbox / segm AP on the held-out val split, writes WORKDIR/eval/metrics.json and
-WORKDIR/eval/predictions.png, and prints AP box / AP mask with the wall-clock time of each phase.
+evaluates COCO bbox / segm AP on the held-out val split (every decoder layer's predictions, as in the paper's Fig. 1),
+writes WORKDIR/eval/metrics.json, WORKDIR/eval/predictions.png and WORKDIR/eval/per_layer.png (AP box and AP mask
+of each layer), and prints AP box / AP mask of the final layer with the wall-clock time of each phase.
 """
 
 import argparse
@@ -44,6 +45,7 @@ def main(argv=None):
   absl_logging.set_verbosity(absl_logging.WARNING)
   import jax
 
+  from dimaskdino_jax.analysis.plots import plot_per_layer
   from dimaskdino_jax.analysis.runner import set_num_steps
   from dimaskdino_jax.config import load_config, validate
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
@@ -65,9 +67,11 @@ def main(argv=None):
 
   t2 = time.time()
   variables = {'params': state['params'], 'frozen_bn': state['frozen_bn']}
+  eval_dir = os.path.join(args.workdir, 'eval')
   metrics = evaluate(
-    config, variables, out_dir=os.path.join(args.workdir, 'eval'), num_visualize=args.num_visualize, verbose=True
+    config, variables, out_dir=eval_dir, num_visualize=args.num_visualize, per_layer=True, verbose=True
   )
+  plot_per_layer(metrics['per_layer'], os.path.join(eval_dir, 'per_layer.png'), title='demo: AP per decoder layer')
   times['eval_s'] = time.time() - t2
   times['total_s'] = time.time() - t0
   summary = {
@@ -85,7 +89,7 @@ def main(argv=None):
   print(
     f'\nDemo: AP box {summary["AP_box"]:.1f}  AP mask {summary["AP_mask"]:.1f}  '
     f'(train {times["train_s"]:.0f} s, eval {times["eval_s"]:.0f} s, total {times["total_s"]:.0f} s)\n'
-    f'Pictures: {os.path.join(args.workdir, "eval", "predictions.png")}'
+    f'Pictures: {os.path.join(eval_dir, "predictions.png")}, {os.path.join(eval_dir, "per_layer.png")}'
   )
   return summary
 
