@@ -78,7 +78,7 @@ def trace_op_times(fn, args, out_dir) -> dict[str, tuple[float, int]]:
   return {k: (v[0], v[1]) for k, v in times.items()}
 
 
-def infer_call():
+def infer_call(canvas_hw):
   import vs_official as vo
 
   from dimaskdino_jax.modeling.model import build_model
@@ -87,7 +87,7 @@ def infer_call():
   variables = vo.our_variables(config)
   model = build_model(config)
   image = vo.infer_image()
-  canvas = np.zeros((1, *ARGS.canvas, 3), np.uint8)
+  canvas = np.zeros((1, *canvas_hw, 3), np.uint8)
   canvas[0, : image.shape[0], : image.shape[1]] = image
   hw = np.array([image.shape[:2]], np.int32)
   fn = jax.jit(lambda v, x, hw: model.apply(v, x, image_hw=hw, train=False))
@@ -101,12 +101,12 @@ def train_call():
   return step, (state, batch)
 
 
-def official_infer_stages(runs):
+def official_infer_stages(official, detectron2, runs):
   """Median ms of the official model's stages on the inference image (forward hooks; CPU, so synchronous)."""
   import torch
   import vs_official as vo
 
-  args = argparse.Namespace(official=ARGS.official, detectron2=ARGS.detectron2, threads=os.cpu_count(), device='cpu')
+  args = argparse.Namespace(official=official, detectron2=detectron2, threads=os.cpu_count(), device='cpu')
   model = vo.official_model(args).eval()
   # (module, method) per stage; the pixel decoder is entered through forward_features, so methods are wrapped.
   stages = {
@@ -151,7 +151,6 @@ def official_infer_stages(runs):
 
 
 def main(argv=None):
-  global ARGS
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--task', choices=('infer', 'train', 'official-infer'), default='infer')
   parser.add_argument('--official', default='', help='DI-MaskDINO checkout (--task official-infer)')
@@ -160,22 +159,22 @@ def main(argv=None):
   parser.add_argument('--canvas', type=int, nargs=2, default=(800, 1216))
   parser.add_argument('--depth', type=int, default=3, help='model path components per stage')
   parser.add_argument('--json', default='')
-  ARGS = parser.parse_args(argv)
-  if ARGS.task == 'official-infer':
-    result = official_infer_stages(ARGS.runs)
-    if ARGS.json:
-      with open(ARGS.json, 'w') as f:
-        json.dump({'task': ARGS.task, 'stages_ms': result}, f, indent=1)
+  opts = parser.parse_args(argv)
+  if opts.task == 'official-infer':
+    result = official_infer_stages(opts.official, opts.detectron2, opts.runs)
+    if opts.json:
+      with open(opts.json, 'w') as f:
+        json.dump({'task': opts.task, 'stages_ms': result}, f, indent=1)
     return
 
-  fn, args = infer_call() if ARGS.task == 'infer' else train_call()
+  fn, args = infer_call(opts.canvas) if opts.task == 'infer' else train_call()
   lowered = fn.lower(*args)
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   paths = op_paths(compiled.as_text())
   call = compiled
-  if ARGS.task == 'train':  # the step donates its state: keep feeding it the new one
+  if opts.task == 'train':  # the step donates its state: keep feeding it the new one
     state, batch = args
 
     def call(s, b):
@@ -193,10 +192,10 @@ def main(argv=None):
     traced_s = time.perf_counter() - t0
   stages = collections.defaultdict(float)
   for op, (ms, _) in op_times.items():
-    stages[stage_of(paths.get(op, op), ARGS.depth)] += ms
+    stages[stage_of(paths.get(op, op), opts.depth)] += ms
   total = sum(stages.values())
   print(
-    f'{ARGS.task}: compile {compile_s:.1f} s, warm-up call {warm_s:.2f} s, traced call {traced_s:.2f} s wall; '
+    f'{opts.task}: compile {compile_s:.1f} s, warm-up call {warm_s:.2f} s, traced call {traced_s:.2f} s wall; '
     f'op time {total / 1e3:.2f} s (summed over threads)'
   )
   print('| stage | ms | share |\n|---|---|---|')
@@ -206,11 +205,11 @@ def main(argv=None):
   print('\nmost expensive ops:')
   for op, (ms, count) in sorted(op_times.items(), key=lambda kv: -kv[1][0])[:10]:
     print(f'  {ms:8.0f} ms {count:3d}x {op}: {paths.get(op, "?")[:140]}')
-  if ARGS.json:
-    with open(ARGS.json, 'w') as f:
+  if opts.json:
+    with open(opts.json, 'w') as f:
       json.dump(
         {
-          'task': ARGS.task,
+          'task': opts.task,
           'compile_s': compile_s,
           'warm_s': warm_s,
           'traced_s': traced_s,

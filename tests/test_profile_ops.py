@@ -24,3 +24,14 @@ def test_stage_of_drops_transformations_and_cuts_to_depth():
   # a backward op keeps its forward op's path; the scan of the looped mask losses is a stage of its own
   assert profile_ops.stage_of(TOP_K, 2) == 'while/body'
   assert profile_ops.stage_of('jit(step_fn)', 2) == '(outside the model)'
+
+
+def test_the_suite_s_slow_first_list_names_existing_files():
+  """tests/conftest.py hands these files out first; a renamed one would silently lose its place."""
+  import os
+
+  from tests import conftest
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  missing = [p for p in conftest._SLOW_FIRST if not os.path.isfile(os.path.join(root, p))]
+  assert not missing, missing
