@@ -33,6 +33,23 @@ def c2_xavier_fill():
   return nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
 
+class DenseBiasApart(nn.Module):
+  """`nn.Dense` (same parameters: names, shapes, initializers, creation order) returning `(x @ kernel, bias)` with
+  the bias not added, for a consumer that adds it itself (the deformable attention's value: kernels/ms_deform_attn/
+  xla.py says why)."""
+
+  features: int
+  kernel_init: nn.initializers.Initializer = xavier_uniform
+  bias_init: nn.initializers.Initializer = zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param('bias', self.bias_init, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias
+
+
 class MLP(nn.Module):
   """`MLP(i, h, o, n)` of the official code: n Linear layers, ReLU between, none after the last.
 

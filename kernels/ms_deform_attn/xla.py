@@ -17,6 +17,12 @@ docs/jax_notes.md):
   all corners at once: on CPUs over chunks of queries, two disjoint groups per chunk (`value_grad`: 2.7x faster
   than one scatter of every update at the encoder size); on GPUs in one scatter.
 
+An optional per-head bias of the value, `value_bias` (M, D) (the bias of the value projection), is added to each
+gathered row inside the gather-reduce loop rather than to the value before it: measured on XLA:CPU, a value
+that is `dot + bias` gets the bias add fused into the gather's operand, and that loop then runs 6-8x slower (one
+R50 encoder layer at 800 x 1216: 1.5 s instead of 0.2 s; BENCHMARKS.md, docs/jax_notes.md); gathering the
+projection's raw output and adding the bias to the gathered row is the same float operation per element.
+
 Accumulation is float32 whatever the input dtype; outputs and gradients come back in the inputs' dtypes.
 """
 
@@ -77,8 +83,15 @@ def _row_base(n, s, m):
   return nb + mb
 
 
-def _forward(value, loc, attn, spatial_shapes, level_start_index):
-  """Returns (N, Lq, M, D) float32."""
+def _gather_rows(rows, idx, bias):
+  """rows (R, D) gathered at idx (N, Lq, M, L, P) plus bias (M, D) in the rows' dtype -> (N, Lq, M, L, P, D) f32."""
+  m, d = bias.shape
+  g = rows.at[idx].get(mode='promise_in_bounds') + bias.reshape(1, 1, m, 1, 1, d).astype(rows.dtype)
+  return g.astype(jnp.float32)
+
+
+def _forward(value, bias, loc, attn, spatial_shapes, level_start_index):
+  """value (N, S, M, D) without its bias (M, D). Returns (N, Lq, M, D) float32."""
   n, s, m, d = value.shape
   rows = value.reshape(n * s * m, d)
   base = _row_base(n, s, m)
@@ -86,7 +99,7 @@ def _forward(value, loc, attn, spatial_shapes, level_start_index):
   attn = attn.astype(jnp.float32)
   out = None
   for off, wx, wy, _, _ in _corners(loc, spatial_shapes, level_start_index, m):
-    g = rows.at[base + off].get(mode='promise_in_bounds').astype(jnp.float32)  # (N, Lq, M, L, P, D)
+    g = _gather_rows(rows, base + off, bias)  # (N, Lq, M, L, P, D)
     term = jnp.sum(g * (attn * wx * wy)[..., None], axis=(3, 4))  # (N, Lq, M, D)
     out = term if out is None else out + term
   return out
@@ -162,8 +175,9 @@ def value_grad(shape, loc, attn, gout, spatial_shapes, level_start_index, chunk_
   return jnp.concatenate([a.reshape(sub) for a in accs], axis=axis or 0)
 
 
-def _backward(value, loc, attn, spatial_shapes, level_start_index, gout, chunk_bytes=CHUNK_BYTES):
-  """gout (N, Lq, M, D) float32. Returns (grad_value, grad_loc, grad_attn) in float32; chunk_bytes: `value_grad`."""
+def _backward(value, bias, loc, attn, spatial_shapes, level_start_index, gout, chunk_bytes=CHUNK_BYTES):
+  """gout (N, Lq, M, D) float32. Returns (grad_value, grad_loc, grad_attn) in float32; chunk_bytes: `value_grad`.
+  The bias's gradient is grad_value summed over (N, S)."""
   n, s, m, d = value.shape
   rows = value.reshape(n * s * m, d)
   base = _row_base(n, s, m)
@@ -174,7 +188,7 @@ def _backward(value, loc, attn, spatial_shapes, level_start_index, gout, chunk_b
   ga = gx = gy = 0.0
   corners = _corners(loc, spatial_shapes, level_start_index, m)
   for off, wx, wy, dwx, dwy in corners:
-    v = rows.at[base + off].get(mode='promise_in_bounds').astype(jnp.float32)  # (N, Lq, M, L, P, D)
+    v = _gather_rows(rows, base + off, bias)  # (N, Lq, M, L, P, D)
     gv = jnp.sum(v * g6, axis=-1)  # (N, Lq, M, L, P): <value row, cotangent>
     wc = wx * wy
     ga = ga + wc * gv
@@ -185,41 +199,52 @@ def _backward(value, loc, attn, spatial_shapes, level_start_index, gout, chunk_b
   return grad_value, grad_loc, ga
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _msda(value, loc, attn, spatial_shapes, level_start_index, chunk_bytes):
-  return _forward(value, loc, attn, spatial_shapes, level_start_index).astype(value.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _msda(value, bias, loc, attn, spatial_shapes, level_start_index, chunk_bytes):
+  return _forward(value, bias, loc, attn, spatial_shapes, level_start_index).astype(value.dtype)
 
 
-def _msda_fwd(value, loc, attn, spatial_shapes, level_start_index, chunk_bytes):
-  out = _forward(value, loc, attn, spatial_shapes, level_start_index).astype(value.dtype)
-  return out, (value, loc, attn)
+def _msda_fwd(value, bias, loc, attn, spatial_shapes, level_start_index, chunk_bytes):
+  out = _forward(value, bias, loc, attn, spatial_shapes, level_start_index).astype(value.dtype)
+  return out, (value, bias, loc, attn)
 
 
 def _msda_bwd(spatial_shapes, level_start_index, chunk_bytes, res, gout):
   # The barrier keeps XLA from merging the backward's corner gathers with the forward's (CSE): merged, the four
   # (N, Lq, M, L, P, D) gathers of every layer stay alive from the forward to the backward pass (measured on the R50
   # step at 1024 x 1024: 1.36 GiB per encoder layer, 8.2 GiB of the 20.6 GiB peak; BENCHMARKS.md).
-  value, loc, attn = jax.lax.optimization_barrier(res)
-  gv, gl, ga = _backward(value, loc, attn, spatial_shapes, level_start_index, gout.astype(jnp.float32), chunk_bytes)
-  return gv.astype(value.dtype), gl.astype(loc.dtype), ga.astype(attn.dtype)
+  value, bias, loc, attn = jax.lax.optimization_barrier(res)
+  g = gout.astype(jnp.float32)
+  gv, gl, ga = _backward(value, bias, loc, attn, spatial_shapes, level_start_index, g, chunk_bytes)
+  gb = jnp.sum(gv, axis=(0, 1))  # (M, D)
+  return gv.astype(value.dtype), gb.astype(bias.dtype), gl.astype(loc.dtype), ga.astype(attn.dtype)
 
 
 _msda.defvjp(_msda_fwd, _msda_bwd)
 
 
 def ms_deform_attn_xla(
-  value, spatial_shapes, level_start_index, sampling_locations, attention_weights, chunk_bytes=CHUNK_BYTES
+  value,
+  spatial_shapes,
+  level_start_index,
+  sampling_locations,
+  attention_weights,
+  chunk_bytes=CHUNK_BYTES,
+  value_bias=None,
 ):
   """Fast op. value (N, S, M, D); locations (N, Lq, M, L, P, 2); weights (N, Lq, M, L, P) -> (N, Lq, M * D).
 
   `spatial_shapes` and `level_start_index` are tuples of python ints; `chunk_bytes`: how the backward computes the
-  value gradient (`value_grad`: chunked for CPUs, None for one scatter on GPUs).
+  value gradient (`value_grad`: chunked for CPUs, None for one scatter on GPUs); `value_bias`: None or (M, D), the
+  op then samples `value + value_bias` (added per gathered row, see the module docstring).
   """
   value = jnp.asarray(value)
   sampling_locations = jnp.asarray(sampling_locations)
   attention_weights = jnp.asarray(attention_weights)
-  m = value.shape[2]
-  out = _msda(value, sampling_locations, attention_weights, spatial_shapes, level_start_index, chunk_bytes)
+  m, d = value.shape[2:]
+  # No bias: zeros, a constant whose add XLA removes (the same program as without the argument).
+  bias = jnp.zeros((m, d), value.dtype) if value_bias is None else jnp.asarray(value_bias)
+  out = _msda(value, bias, sampling_locations, attention_weights, spatial_shapes, level_start_index, chunk_bytes)
   # out: (N, Lq, M, D)
   # Heads concatenated in order = out.reshape(N, Lq, M * D). Written as a concatenation of per-head slices
   # because XLA:CPU folds a plain reshape (a bitcast) into the gather-reduce loop, which then runs ~3x slower

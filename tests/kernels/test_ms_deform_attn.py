@@ -331,6 +331,32 @@ def test_vmap_of_forward_and_custom_vjp():
     np.testing.assert_allclose(a[0], b, atol=1e-5)
 
 
+@pytest.mark.parametrize('impl', IMPLS)
+def test_value_bias_equals_adding_it_to_the_value(impl):
+  # value_bias (M, D) samples value + bias: forward and all four gradients (value, bias, locations, weights) equal
+  # the op on value + bias (the bias's gradient is the value gradient summed over batch and tokens). 'xla' adds the
+  # bias to the gathered rows: the same float operation per element, so its forward is compared exactly.
+  value, loc, attn = make_inputs(21)
+  bias = np.random.default_rng(22).normal(size=value.shape[2:]).astype(np.float32)
+  cot = np.random.default_rng(23).normal(size=(*loc.shape[:2], value.shape[2] * value.shape[3])).astype(np.float32)
+  with_bias = lambda v, b, lc, a: jnp.sum(ms_deform_attn(v, SHAPES, None, lc, a, impl=impl, value_bias=b) * cot)
+  added = lambda v, b, lc, a: jnp.sum(ms_deform_attn(v + b, SHAPES, None, lc, a, impl=impl) * cot)
+  args = (value, bias, loc, attn)
+  out = jax.jit(lambda *x: ms_deform_attn(x[0], SHAPES, None, x[2], x[3], impl=impl, value_bias=x[1]))(*args)
+  ref = jax.jit(lambda *x: ms_deform_attn(x[0] + x[1], SHAPES, None, x[2], x[3], impl=impl))(*args)
+  if impl == 'xla':
+    np.testing.assert_array_equal(out, ref)
+  else:
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  grads = jax.jit(jax.grad(with_bias, argnums=(0, 1, 2, 3)))(*args)
+  expected = jax.jit(jax.grad(added, argnums=(0, 1, 2, 3)))(*args)
+  for name, g, e in zip(('value', 'bias', 'loc', 'attn'), grads, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
+  assert float(np.abs(grads[1]).max()) > 0.1  # the bias gets a gradient
+  with pytest.raises(ValueError, match='value_bias'):
+    ms_deform_attn(value, SHAPES, None, loc, attn, impl=impl, value_bias=bias[:, :-1])
+
+
 def test_auto_dispatch_and_argument_checks():
   value, loc, attn = make_inputs(13)
   # On CPU, 'auto' is the dense formulation while its sampling matrix fits, and the gather one beyond.

@@ -100,3 +100,37 @@ def test_mask2box_empty_one_pixel_and_rectangle():
   np.testing.assert_allclose(anchors[0], [math.log(1e5)] * 2 + [-math.log(1e5)] * 2, rtol=1e-5)
   bit = np.asarray(selection.masks_to_boxes(jnp.asarray(m), plus_one=True))
   np.testing.assert_allclose(bit[1], [3.5 / 10, 2.5 / 8, 1 / 10, 1 / 8], atol=1e-7)
+
+
+def test_deformable_attention_gathers_the_value_projection_without_its_bias_add():
+  # The value projection's bias is handed to the op (kernels/ms_deform_attn/xla.py): on XLA:CPU a `dot + bias` value
+  # gets the add fused into the gather's operand and that loop runs 6-8x slower (an R50 encoder layer's attention:
+  # 1.5 s instead of 0.25 s; BENCHMARKS.md). The parameters keep nn.Dense's names and the gathers of the compiled
+  # module read a buffer (a fusion parameter, possibly bitcast), never an add.
+  import re
+
+  import jax
+
+  from dimaskdino_jax.modeling.deformable import MSDeformAttn
+
+  shapes = ((6, 8), (3, 4))
+  s = sum(h * w for h, w in shapes)
+  rng = np.random.default_rng(0)
+  query = jnp.asarray(rng.normal(size=(1, s, 32)), jnp.float32)
+  ref = jnp.asarray(rng.uniform(size=(1, s, 2, 2)), jnp.float32)
+  attn = MSDeformAttn(dim=32, num_levels=2, num_heads=4, num_points=2, impl='xla')
+  params = attn.init(jax.random.PRNGKey(0), query, ref, query, shapes)
+  assert set(params['params']['value_proj']) == {'kernel', 'bias'}
+  params['params']['value_proj']['bias'] = jnp.full((32,), 0.5)  # a bias the compiler cannot fold away
+  hlo = jax.jit(lambda p, x: attn.apply(p, x, ref, x, shapes)).lower(params, query).compile().as_text()
+  # instruction -> (opcode, first operand); parameters have no operand
+  defs = {
+    name: (opcode, first)
+    for name, opcode, first in re.findall(r'(?m)^\s*(?:ROOT )?(%[\w.\-]+) = \S+ ([\w\-]+)\((%[\w.\-]+)?', hlo)
+  }
+  gathers = re.findall(r'= [^\n]*? gather\((%[\w.\-]+),', hlo)
+  assert gathers, 'no gather in the compiled module'
+  for operand in gathers:
+    while defs[operand][0] == 'bitcast':
+      operand = defs[operand][1]
+    assert defs[operand][0] == 'parameter', (operand, defs[operand])
