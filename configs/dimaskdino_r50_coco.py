@@ -104,6 +104,7 @@ def get_config(arg=None):
   lo.num_points = 12544  # TRAIN_NUM_POINTS
   lo.oversample_ratio = 3.0  # OVERSAMPLE_RATIO
   lo.importance_sample_ratio = 0.75  # IMPORTANCE_SAMPLE_RATIO
+  lo.recompute_points = False  # True: the backward selects the loss points again (top_k) instead of keeping them
   lo.deep_supervision = True  # DEEP_SUPERVISION: losses on every decoder layer and the initial prediction
   lo.mask_losses = True  # off for detection-only data
   lo.di_aux_losses = True  # class+box losses on every token-interaction layer (oldm_* terms)

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dimaskdino_jax import box_ops
 from dimaskdino_jax.losses import matcher, point_sampling
@@ -115,6 +116,7 @@ def mask_loss_sums(pred_masks, gt_masks, weights, uniform, loss_cfg):
     float(loss_cfg.importance_sample_ratio),
     uniform=uniform.reshape(-1, *uniform.shape[-2:]),
   )
+  points = checkpoint_name(points, LOSS_POINTS)  # (N, num_points, 2): what `looped_mask_loss_sums` may keep
   return mask_loss_sums_at_points(pred, gt, points, weights.reshape(-1))
 
 
@@ -139,6 +141,10 @@ def loss_point_uniforms(key, index, num_maps, loss_cfg):
   return jax.random.uniform(jax.random.fold_in(key, index), (num_maps, num_uniform_draws(loss_cfg), 2), jnp.float32)
 
 
+# The name of the selected loss points inside `looped_mask_loss_sums`' rematerialized body.
+LOSS_POINTS = 'loss_points'
+
+
 def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
   """Point-sampled mask losses (as `mask_loss_sums`) of stacked prediction sets, one stack entry at a time.
 
@@ -149,6 +155,11 @@ def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
   taps of the importance sampling and the sampled logits exist for one entry at a time, in the forward and again
   in the backward pass (recomputed from the same key), instead of for all sets of the step at once. Step l draws
   its uniforms with `loss_point_uniforms(key, l, ...)`, so the losses equal `mask_loss_sums` given those values.
+
+  Only the selected points (L, pairs, num_points, 2) are kept from the forward to the backward, unless
+  `loss.recompute_points` is true: the backward then selects them again, XLA:CPU's `top_k` over the oversampled
+  candidates a second time (measured on the R50 step at batch 2: 4.1 s of ~61 s; BENCHMARKS.md). The same points
+  either way, so the same losses and gradients; keeping them costs num_points * 8 bytes per pair and layer.
   """
   pairs = tuple(pairs)
   n_steps = {p.masks.shape[0] for p in pairs}
@@ -174,7 +185,9 @@ def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
     return carry, out
 
   xs = (jnp.arange(n_steps.pop(), dtype=jnp.int32), pairs)
-  _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, xs)
+  keep = not loss_cfg.get('recompute_points', False)
+  policy = jax.checkpoint_policies.save_only_these_names(LOSS_POINTS) if keep else None
+  _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False, policy=policy), None, xs)
   return out
 
 

@@ -97,6 +97,28 @@ def test_looped_mask_losses_equal_the_vmapped_formulation_and_numpy():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
 
 
+def test_the_backward_keeps_the_selected_points_unless_told_to_recompute_them():
+  # loss.recompute_points = False (default): the loop keeps the selected points for the backward, so the gradient
+  # program has the forward's top_k only (one per MaskPairs, 2 here); True: the backward selects them again (twice as
+  # many). The same points either way: losses and gradients are bitwise equal.
+  targets, masks, q, dn_masks, dn_gt, dn_w = _problem()
+  gt = jnp.asarray(targets['masks'])
+  results = {}
+  for recompute in (False, True):
+    cfg = h.tiny_config(num_points=16)
+    cfg.loss.recompute_points = recompute
+
+    def f(m, d, cfg=cfg):
+      sums = _looped(m, d, q, dn_gt, dn_w, gt, jax.random.key(5), cfg.loss)
+      return sum(jnp.sum(b * (1 + jnp.arange(L))) + 2 * jnp.sum(dc) for b, dc in sums)
+
+    grad = jax.value_and_grad(f, argnums=(0, 1))
+    assert str(jax.make_jaxpr(grad)(masks, dn_masks)).count('top_k') == (4 if recompute else 2)
+    results[recompute] = jax.jit(grad)(masks, dn_masks)
+  for kept, again in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(again))
+
+
 def test_looped_mask_losses_reject_mixed_stack_sizes():
   cfg = h.tiny_config(num_points=16)
   targets, masks, q, dn_masks, dn_gt, dn_w = _problem()
