@@ -50,7 +50,12 @@ def prepared_shapes(tmp_path_factory, seed=0, num_train=8, num_val=4, image_size
   return out
 
 
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+# The compiler options of tests/conftest.py's XLA_FLAGS, for programs compiled with explicit options.
+FAST = {
+  'xla_backend_optimization_level': 0,
+  'xla_llvm_disable_expensive_passes': True,
+  'xla_cpu_use_fusion_emitters': False,
+}
 
 
 _VARIABLES: dict = {}

@@ -25,10 +25,9 @@ from dimaskdino_jax.evaluation.visualize import draw_predictions, save_predictio
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import checkpoint as ckpt_lib
 from dimaskdino_jax.training.checkpoint import Checkpointer
-from tests.tiny import prepared_shapes
+from tests.tiny import FAST, prepared_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 NUM_VAL = 6
 # Val images of write_shapes_dataset(seed 0, image_size 64): ids 1..6, (h, w) = (64, 73) (54, 53) (55, 75) (68, 51)
 # (62, 62) (49, 62). With test sizes (64, 96) they go to canvases (64, 96) x4 and (96, 64) x2.

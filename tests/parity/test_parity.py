@@ -28,11 +28,11 @@ from dimaskdino_jax.evaluation.postprocess import postprocess_batch, select_topk
 from dimaskdino_jax.modeling import selection
 from dimaskdino_jax.modeling.model import build_model
 from tests.parity.fixture_io import CANVAS, IMAGES, PARITY, decode_state_dict
+from tests.tiny import FAST
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, 'fixtures')
 REPO = os.path.dirname(os.path.dirname(HERE))
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 EARLY, LATE = 1e-5, 1e-4
 # stage name -> tolerance (see the module docstring)

@@ -14,9 +14,7 @@ from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
 from dimaskdino_jax.training import partition
 from dimaskdino_jax.training.trainer import abstract_params, init_state, make_train_step
-from tests.tiny import tiny_config
-
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+from tests.tiny import FAST, tiny_config
 
 
 def _paths(tree):
