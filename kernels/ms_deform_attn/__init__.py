@@ -40,7 +40,7 @@ import numpy as np
 from kernels.ms_deform_attn.dense import dense_fits, ms_deform_attn_dense
 from kernels.ms_deform_attn.reference import ms_deform_attn_reference
 from kernels.ms_deform_attn.xla import CHUNK_BYTES, ms_deform_attn_xla
-from kernels.per_shard import per_shard
+from kernels.per_shard import data_size, per_shard
 
 __all__ = [
   'IMPLS',
@@ -201,6 +201,12 @@ def ms_deform_attn(
   _check(value, shapes, starts, sampling_locations, attention_weights)
   if value_bias is not None and tuple(value_bias.shape) != tuple(value.shape[2:]):
     raise ValueError(f'ms_deform_attn: value_bias must be (M, D) = {value.shape[2:]}, got {value_bias.shape}')
+  # The implementation, chosen by the size of one data shard (the same choice `run` makes on each shard).
+  shard = jax.ShapeDtypeStruct((max(1, value.shape[0] // data_size()), *value.shape[1:]), value.dtype)
+  if value_bias is not None and _resolve(impl, shard, sampling_locations) != 'xla':
+    # Only 'xla' takes the bias apart; for the others it is added here, outside the per-shard map, as the value
+    # projection would (inside, a replicated bias would need a cross-device sum of its gradient in every call).
+    value, value_bias = value + value_bias.astype(value.dtype), None
 
   def run(value, sampling_locations, attention_weights, *bias):
     value_bias = bias[0] if bias else None
@@ -209,8 +215,6 @@ def ms_deform_attn(
       # The value gradient: one scatter on a GPU, chunked on CPUs (xla.value_grad).
       chunk = None if _on_gpu_only() else CHUNK_BYTES
       return _xla(value, shapes, starts, sampling_locations, attention_weights, chunk, value_bias)
-    if value_bias is not None:
-      value = value + value_bias.astype(value.dtype)
     if chosen == 'dense':
       return _dense(value, shapes, starts, sampling_locations, attention_weights)
     if chosen == 'reference':
@@ -219,5 +223,5 @@ def ms_deform_attn(
     interpret = not _on_gpu_only()
     return _pallas()(value, shapes, starts, sampling_locations, attention_weights, interpret)
 
-  bias = () if value_bias is None else (value_bias,)  # replicated over the data shards
+  bias = () if value_bias is None else (value_bias,)  # 'xla': replicated over the data shards
   return per_shard(run, (0, 0, 0) + (None,) * len(bias), 0)(value, sampling_locations, attention_weights, *bias)
