@@ -201,16 +201,16 @@ def ms_deform_attn(
   _check(value, shapes, starts, sampling_locations, attention_weights)
   if value_bias is not None and tuple(value_bias.shape) != tuple(value.shape[2:]):
     raise ValueError(f'ms_deform_attn: value_bias must be (M, D) = {value.shape[2:]}, got {value_bias.shape}')
-  # The implementation, chosen by the size of one data shard (the same choice `run` makes on each shard).
+  # The implementation, chosen once by the size of one data shard (what `run` gets on each device).
   shard = jax.ShapeDtypeStruct((max(1, value.shape[0] // data_size()), *value.shape[1:]), value.dtype)
-  if value_bias is not None and _resolve(impl, shard, sampling_locations) != 'xla':
+  chosen = _resolve(impl, shard, sampling_locations)
+  if value_bias is not None and chosen != 'xla':
     # Only 'xla' takes the bias apart; for the others it is added here, outside the per-shard map, as the value
     # projection would (inside, a replicated bias would need a cross-device sum of its gradient in every call).
     value, value_bias = value + value_bias.astype(value.dtype), None
 
   def run(value, sampling_locations, attention_weights, *bias):
     value_bias = bias[0] if bias else None
-    chosen = _resolve(impl, value, sampling_locations)
     if chosen == 'xla':
       # The value gradient: one scatter on a GPU, chunked on CPUs (xla.value_grad).
       chunk = None if _on_gpu_only() else CHUNK_BYTES
