@@ -2,6 +2,7 @@ r"""Where the time of a jitted R50 inference or training step goes, by model sta
 
   python benchmarks/profile_ops.py --task infer [--canvas 800 1216] [--depth 3] [--json OUT]
   python benchmarks/profile_ops.py --task train [--depth 3] [--json OUT]
+  python benchmarks/profile_ops.py --task demo-train [--config configs/shapes.py] [--depth 3]
   python benchmarks/profile_ops.py --task official-infer --official PATH --detectron2 PATH [--runs 3]
 
 The same model, weights and inputs as benchmarks/vs_official.py (the official R50 COCO model drawn from
@@ -12,6 +13,9 @@ metadata (`op_name`, e.g. `pixel_decoder/encoder_layers_3/self_attn`), cut to --
 transformations (jvp / transpose / checkpoint) are removed, and summed. Prints a table of the stages by time
 (milliseconds of op execution, summed over the threads that ran them, and the share of the total op time) and the
 ten most expensive single ops; host callbacks (the Hungarian matching) appear under their own name.
+
+--task demo-train traces train.py's step of a config (default the CPU demo's, configs/shapes.py) on one device, on a
+fake batch of the config's batch size and canvas (benchmarks/train_step.fake_batch).
 
 --task official-infer times the official model's inference on the same image by its modules (forward hooks on the
 backbone, the pixel decoder and its deformable encoder, the transformer decoder; the rest of the call is the
@@ -101,6 +105,29 @@ def train_call():
   return step, (state, batch)
 
 
+def demo_train_call(config_path):
+  """(jitted train step donating its state, state, batch): a config's step (default the demo's) on a fake batch."""
+  import train_step as ts
+
+  from dimaskdino_jax.config import load_config
+  from dimaskdino_jax.modeling.model import build_model
+  from dimaskdino_jax.training import optimizer as optim_lib
+  from dimaskdino_jax.training import partition
+  from dimaskdino_jax.training.trainer import batch_to_device, init_state, make_train_step
+
+  config = load_config(config_path)
+  bsz, s = config.train.batch_size, config.data.image_size
+  model = build_model(config)
+  params_shape = jax.eval_shape(
+    lambda i: model.init({'params': jax.random.key(0), 'dn': jax.random.key(1)}, i),
+    jax.ShapeDtypeStruct((bsz, s, s, 3), jnp.uint8),
+  )['params']
+  tx = optim_lib.build_optimizer(config, partition.trainable_params(config, params_shape))
+  state = init_state(config, model, tx, (bsz, s, s, 3))
+  batch = batch_to_device(ts.fake_batch(config, bsz, np.random.default_rng(0)))
+  return jax.jit(make_train_step(config, model, tx), donate_argnums=0), state, batch
+
+
 def official_infer_stages(official, detectron2, runs):
   """Median ms of the official model's stages on the inference image (forward hooks; CPU, so synchronous)."""
   import torch
@@ -152,12 +179,13 @@ def official_infer_stages(official, detectron2, runs):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--task', choices=('infer', 'train', 'official-infer'), default='infer')
+  parser.add_argument('--task', choices=('infer', 'train', 'demo-train', 'official-infer'), default='infer')
   parser.add_argument('--official', default='', help='DI-MaskDINO checkout (--task official-infer)')
   parser.add_argument('--detectron2', default='', help='detectron2 checkout (--task official-infer)')
   parser.add_argument('--runs', type=int, default=3, help='timed runs (--task official-infer)')
   parser.add_argument('--canvas', type=int, nargs=2, default=(800, 1216))
   parser.add_argument('--depth', type=int, default=3, help='model path components per stage')
+  parser.add_argument('--config', default='configs/shapes.py', help='config file (--task demo-train)')
   parser.add_argument('--json', default='')
   opts = parser.parse_args(argv)
   if opts.task == 'official-infer':
@@ -167,14 +195,19 @@ def main(argv=None):
         json.dump({'task': opts.task, 'stages_ms': result}, f, indent=1)
     return
 
-  fn, args = infer_call(opts.canvas) if opts.task == 'infer' else train_call()
+  if opts.task == 'infer':
+    fn, args = infer_call(opts.canvas)
+  elif opts.task == 'train':
+    fn, args = train_call()
+  else:
+    fn, *args = demo_train_call(opts.config)
   lowered = fn.lower(*args)
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   paths = op_paths(compiled.as_text())
   call = compiled
-  if opts.task == 'train':  # the step donates its state: keep feeding it the new one
+  if opts.task in ('train', 'demo-train'):  # the step donates its state: keep feeding it the new one
     state, batch = args
 
     def call(s, b):
@@ -215,6 +248,7 @@ def main(argv=None):
           'traced_s': traced_s,
           'stages_ms': dict(stages),
           'ops_ms': {k: v[0] for k, v in op_times.items()},
+          'op_paths': {k: paths.get(k, k) for k in op_times},
         },
         f,
         indent=1,

@@ -64,10 +64,19 @@ def validate(config, source='<config>') -> None:
   _validate_canvases(config, source)
   _validate_training(config.train, source)
   _validate_initial_weights(config, source)
-  _require(config.optim.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
+  _validate_optim(config.optim, source)
   _validate_mesh(config, source)
   _validate_losses(config, source)
   validate_finetuning(config, source)
+
+
+def _validate_optim(o, source) -> None:
+  """optim.grad_accum_steps, the lr scheduler's name and its end value."""
+  _require(o.grad_accum_steps >= 1, source, 'optim.grad_accum_steps', 'must be >= 1')
+  schedulers = ('WarmupMultiStepLR', 'WarmupCosineLR')
+  message = f'unknown {o.lr_scheduler!r}; choose one of {schedulers}'
+  _require(o.lr_scheduler in schedulers, source, 'optim.lr_scheduler', message)
+  _require(0.0 <= o.lr_end <= o.lr, source, 'optim.lr_end', f'{o.lr_end} must lie in [0, optim.lr = {o.lr}]')
 
 
 def _validate_architecture(model, source) -> None:

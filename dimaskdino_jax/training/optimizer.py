@@ -98,28 +98,41 @@ def param_labels(params, freeze_at: int = 0):
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-  """Base learning rate at an optimizer step: detectron2's WarmupMultiStepLR (WarmupParamScheduler, linear).
+  """Base learning rate at an optimizer step: detectron2's LR_SCHEDULER_NAME (WarmupParamScheduler, linear warmup).
 
-  factor(s) = gamma ** #{m in lr_drop_steps : m <= s} after warmup; during warmup (s < warmup_steps) a linear
-  ramp from warmup_factor * factor(0) at s = 0 to factor(warmup_steps) at s = warmup_steps.
+  optim.lr_scheduler 'WarmupMultiStepLR' (the official): factor(s) = gamma ** #{m in lr_drop_steps : m <= s}.
+  'WarmupCosineLR': factor(s) = end + (1 - end) * (1 + cos(pi * s / T)) / 2, end = optim.lr_end / optim.lr, T the
+  number of optimizer updates (train.num_steps / optim.grad_accum_steps), held at `end` after T.
+  Either way, during warmup (s < warmup_steps) a linear ramp from warmup_factor * factor(0) at s = 0 to
+  factor(warmup_steps) at s = warmup_steps (d2's fixed interval: the schedule is not rescaled after warmup).
   """
   o = config.optim
   base = float(o.lr)
-  gamma = float(o.lr_drop_factor)
-  milestones = tuple(sorted(int(m) for m in o.lr_drop_steps))
   warmup = int(o.warmup_steps)
   warmup_factor = float(o.warmup_factor)
+  if o.lr_scheduler == 'WarmupMultiStepLR':
+    gamma = float(o.lr_drop_factor)
+    milestones = tuple(sorted(int(m) for m in o.lr_drop_steps))
 
-  def multistep(step):
-    drops = sum((jnp.asarray(step >= m, jnp.float32) for m in milestones), jnp.zeros((), jnp.float32))
-    return gamma**drops
+    def factor_at(step):
+      drops = sum((jnp.asarray(step >= m, jnp.float32) for m in milestones), jnp.zeros((), jnp.float32))
+      return gamma**drops
+  elif o.lr_scheduler == 'WarmupCosineLR':
+    end = float(o.lr_end) / base
+    updates = max(1, int(config.train.num_steps) // int(o.grad_accum_steps))
+
+    def factor_at(step):
+      where = jnp.minimum(jnp.asarray(step, jnp.float32) / updates, 1.0)
+      return end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * where))
+  else:
+    raise ValueError(f'optim.lr_scheduler: {o.lr_scheduler!r} is not WarmupMultiStepLR or WarmupCosineLR')
 
   def schedule(step):
     step = jnp.asarray(step)
-    factor = multistep(step)
+    factor = factor_at(step)
     if warmup > 0:
       alpha = step.astype(jnp.float32) / warmup
-      ramp = warmup_factor * multistep(0) * (1.0 - alpha) + multistep(warmup) * alpha
+      ramp = warmup_factor * factor_at(0) * (1.0 - alpha) + factor_at(warmup) * alpha
       factor = jnp.where(step < warmup, ramp, factor)
     return base * factor
 

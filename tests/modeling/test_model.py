@@ -223,6 +223,8 @@ def test_r50_output_shapes_eval_shape():
     ('model.di.selection_ks', (100, 200), 'model.di.selection_ks'),
     ('model.formulation', 'fancy', 'model.formulation'),
     ('data.image_size', 100, 'data.image_size'),
+    ('optim.lr_scheduler', 'WarmupPolyLR', 'optim.lr_scheduler'),
+    ('optim.lr_end', 1.0, 'optim.lr_end'),
   ],
 )
 def test_config_validation_names_the_field(field, value, needle):

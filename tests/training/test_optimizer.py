@@ -35,6 +35,8 @@ def make_config(**optim):
       eps=1e-8,
       backbone_multiplier=0.1,
       clip_norm=0.0,
+      lr_scheduler='WarmupMultiStepLR',
+      lr_end=0.0,
       lr_drop_steps=(),
       lr_drop_factor=0.1,
       warmup_steps=0,
@@ -43,6 +45,7 @@ def make_config(**optim):
     )
   )
   c.optim.update(optim)
+  c.train = ml_collections.ConfigDict({'num_steps': 1000})
   return c
 
 
@@ -162,6 +165,34 @@ def test_lr_schedule_warmup_and_drops():
   c = make_config(lr=1e-4, warmup_steps=10, warmup_factor=1.0, lr_drop_steps=(81125,))
   s = jax.jit(learning_rate_schedule(c))
   np.testing.assert_allclose([s(t) for t in (0, 5, 10, 81124, 81125)], [1e-4] * 4 + [1e-5], rtol=1e-6)
+
+
+def test_lr_schedule_cosine_follows_torch_cosine_annealing():
+  # Without warmup, d2's WarmupCosineLR is torch's CosineAnnealingLR(T_max = updates, eta_min = lr_end).
+  import torch
+
+  c = make_config(lr=2e-3, lr_scheduler='WarmupCosineLR', lr_end=1e-4, grad_accum_steps=2)
+  c.train.num_steps = 400  # 200 optimizer updates
+  s = jax.jit(learning_rate_schedule(c))
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+  sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=200, eta_min=1e-4)
+  expected = []
+  for _ in range(201):
+    expected.append(opt.param_groups[0]['lr'])
+    opt.step()
+    sched.step()
+  np.testing.assert_allclose([float(s(t)) for t in range(201)], expected, rtol=1e-5, atol=1e-9)
+  assert float(s(10**6)) == pytest.approx(1e-4, rel=1e-6)  # held at the end value after the last update
+  # d2's linear warmup (fixed interval): from warmup_factor * f(0) to f(warmup), then the cosine of step / T.
+  c = make_config(lr=1.0, lr_scheduler='WarmupCosineLR', warmup_steps=50, warmup_factor=0.1)
+  c.train.num_steps = 1000
+  s = learning_rate_schedule(c)
+  f = lambda t: 0.5 * (1 + np.cos(np.pi * t / 1000))  # noqa: E731
+  for t in (0, 20, 49):
+    a = t / 50
+    assert float(s(t)) == pytest.approx(0.1 * (1 - a) + f(50) * a, rel=1e-5), t
+  for t in (50, 500, 999, 1000):
+    assert float(s(t)) == pytest.approx(f(t), rel=1e-5, abs=1e-7), t
 
 
 def _update(tx, grads, params, state=None):
