@@ -17,7 +17,9 @@ Step 2 is linear and separable, so the three resamplings compose into one (orig,
 about 0.25 s for 100 masks at 800 x 1333 on 2 CPU cores, instead of several seconds for dense resizes.
 """
 
+import concurrent.futures
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -28,6 +30,9 @@ import scipy.special
 
 from dimaskdino_jax.box_ops import box_cxcywh_to_xyxy
 from dimaskdino_jax.modeling.outputs import Predictions
+
+# Threads that upsample and score one image's masks (postprocess_image), for large images.
+POSTPROCESS_THREADS = min(4, os.cpu_count() or 1)
 
 
 class TopK(NamedTuple):
@@ -148,12 +153,23 @@ def postprocess_image(scores, labels, boxes, mask_logits, image_hw, canvas_hw, o
     k = mask_logits.shape[0]
     masks = np.empty((k, *orig_hw), bool)
     mask_scores = np.empty((k,), np.float32)
-    for j in range(k):  # one mask at a time: cache-friendly and no (k, H, W) float temporaries
-      full = a_h @ (a_w @ mask_logits[j].T).T  # (orig_h, orig_w) float32 logits
-      binary = full > 0
-      masks[j] = binary
-      pos = full[binary]
-      mask_scores[j] = scipy.special.expit(pos).sum(dtype=np.float32) / (pos.size + 1e-6)
+
+    def masks_of(js):  # one mask at a time: cache-friendly and no (k, H, W) float temporaries
+      for j in js:
+        full = a_h @ (a_w @ mask_logits[j].T).T  # (orig_h, orig_w) float32 logits
+        binary = full > 0
+        masks[j] = binary
+        pos = full[binary]
+        mask_scores[j] = scipy.special.expit(pos).sum(dtype=np.float32) / (pos.size + 1e-6)
+
+    # numpy and scipy release the GIL in these loops: threads over the masks share the cores (the same arithmetic per
+    # mask, so the same bits). 100 masks at 800 x 1200 on 2 cores: 0.35 -> 0.21 s. Small images stay serial.
+    threads = min(POSTPROCESS_THREADS, k) if k * orig_hw[0] * orig_hw[1] >= 2**22 else 1
+    if threads > 1:
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(masks_of, [range(t, k, threads) for t in range(threads)]))
+    else:
+      masks_of(range(k))
     final = scores * mask_scores
   return {'scores': final.astype(np.float32), 'labels': labels, 'boxes': xyxy.astype(np.float32), 'masks': masks}
 

@@ -159,3 +159,20 @@ def test_postprocess_batch_skips_padding_images():
   single = postprocess_image(top.scores[2], top.labels[2], top.boxes[2], top.mask_logits[2], (10, 16), (16, 16), (5, 8))
   for key in ('scores', 'labels', 'boxes', 'masks'):
     np.testing.assert_array_equal(out[1][key], single[key])
+
+
+def test_threaded_masks_equal_serial_masks(monkeypatch):
+  # Large enough for the threads (k * H * W >= 2**22): the same masks and scores to the bit as one thread.
+  from dimaskdino_jax.evaluation import postprocess
+
+  rng = np.random.default_rng(3)
+  m = (rng.normal(size=(17, 32, 40)) * 3 - 1).astype(np.float32)  # 17 masks: uneven split over the threads
+  args = ([0.9] * 17, list(range(17)), np.full((17, 4), 0.5), m, (500, 640), (512, 640), (600, 768))
+  results = []
+  for threads in (1, 3):
+    monkeypatch.setattr(postprocess, 'POSTPROCESS_THREADS', threads)
+    results.append(postprocess_image(*args))
+  assert 17 * 600 * 768 >= 2**22
+  np.testing.assert_array_equal(results[0]['masks'], results[1]['masks'])
+  np.testing.assert_array_equal(results[0]['scores'], results[1]['scores'])
+  assert 0 < results[0]['masks'].mean() < 1
