@@ -51,20 +51,45 @@ def read_meta(step_dir):
 
 @pytest.fixture(scope='module')
 def runs(data_dir, tmp_path_factory):
-  """4 steps without evaluation, 4 with one every 2 steps, and the latter interrupted after step 2 and resumed."""
+  """4 steps without evaluation, 4 with one every 2 steps, and the latter interrupted after step 2 and resumed.
+  The final states of the first two are kept in FINAL_STATES (off, on)."""
   root = tmp_path_factory.mktemp('periodic')
   off, on, parts = str(root / 'off'), str(root / 'on'), str(root / 'parts')
-  train(config_for(data_dir, 4), off, verbose=False)
-  train(config_for(data_dir, 4, **EVAL), on, verbose=False)
+  FINAL_STATES[:] = [train(config_for(data_dir, 4), off, verbose=False)]
+  FINAL_STATES.append(train(config_for(data_dir, 4, **EVAL), on, verbose=False))
   train(config_for(data_dir, 2, **EVAL), parts, verbose=False)
   train(config_for(data_dir, 4, **EVAL), parts, verbose=False)  # resumes from the step-2 checkpoint
   return off, on, parts
+
+
+FINAL_STATES = []
 
 
 def test_same_losses_with_and_without_evaluation(runs):
   off, on, _ = runs
   assert sorted(losses(off)) == [1, 2, 3, 4]
   assert losses(on) == losses(off)  # bitwise: the evaluation reads the params only, draws no random numbers
+
+
+def test_two_runs_give_the_same_weights_and_the_same_ap(runs, data_dir):
+  """What `make demo` does, twice (issue 23: the demo's AP is repeatable): train from scratch, then evaluate every
+  decoder layer. The two trainings of the fixture (with and without evaluation in between) end in bitwise equal
+  weights, and the demo's evaluation of each gives the same metrics, per layer included, to the last digit."""
+  import jax
+  import numpy as np
+
+  from dimaskdino_jax.evaluation.evaluator import evaluate
+
+  off, on = FINAL_STATES
+  for a, b in zip(jax.tree.leaves(off['params']), jax.tree.leaves(on['params']), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config = config_for(data_dir, 4)
+  metrics = [
+    evaluate(config, {'params': s['params'], 'frozen_bn': s['frozen_bn']}, per_layer=True, verbose=False)
+    for s in (off, on)
+  ]
+  assert len(metrics[0]['per_layer']) == config.model.decoder.num_layers + 1
+  assert metrics[0] == metrics[1]
 
 
 def test_metrics_and_the_best_checkpoint(runs, data_dir):
