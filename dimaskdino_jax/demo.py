@@ -1,6 +1,6 @@
 """The CPU demo: train DI-MaskDINO from scratch on the synthetic shapes dataset, evaluate, draw predictions.
 
-  python -m dimaskdino_jax.demo --workdir runs/demo [--steps N] [--config configs/shapes.py]
+  python -m dimaskdino_jax.demo --workdir runs/demo [--steps N] [--config configs/shapes.py] [--config.a.b=value ...]
 
 Writes (if missing) and prepares the shapes dataset, trains the config (resuming if WORKDIR has checkpoints),
 evaluates COCO bbox / segm AP on the held-out val split (every decoder layer's predictions, as in the paper's Fig. 1),
@@ -11,6 +11,7 @@ of each layer), and prints AP box / AP mask of the final layer with the wall-clo
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
@@ -25,7 +26,11 @@ def split_cpu(num_devices: int) -> None:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={num_devices}'.strip()
 
 
-def main(argv=None):
+def parse_args(argv=None):
+  """(args, config): the demo's flags, then --config.a.b=value overrides (as eval.py), then --steps; validated."""
+  from dimaskdino_jax.analysis.runner import set_num_steps
+  from dimaskdino_jax.config import parse_config_overrides, validate
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', default='runs/demo')
   parser.add_argument('--config', default='configs/shapes.py')
@@ -37,7 +42,15 @@ def main(argv=None):
     default=min(2, os.cpu_count() or 1),
     help='XLA host devices on a CPU (data parallel across them; default: min(2, CPU count))',
   )
-  args = parser.parse_args(argv)
+  args, config = parse_config_overrides(parser, sys.argv[1:] if argv is None else argv)
+  if args.steps:
+    set_num_steps(config, args.steps)  # after the overrides: the lr drops given there move with the steps
+    validate(config, source=args.config)
+  return args, config
+
+
+def main(argv=None):
+  args, config = parse_args(argv)
   split_cpu(args.cpu_devices)
 
   from absl import logging as absl_logging
@@ -46,18 +59,12 @@ def main(argv=None):
   import jax
 
   from dimaskdino_jax.analysis.plots import plot_per_layer
-  from dimaskdino_jax.analysis.runner import set_num_steps
-  from dimaskdino_jax.config import load_config, validate
   from dimaskdino_jax.data.prepare import ensure_shapes_dataset
   from dimaskdino_jax.evaluation.evaluator import evaluate
   from dimaskdino_jax.training.trainer import train
 
   times = {}
   t0 = time.time()
-  config = load_config(args.config)
-  if args.steps:
-    set_num_steps(config, args.steps)
-  validate(config, source=args.config)
   ensure_shapes_dataset(config)
   times['dataset_s'] = time.time() - t0
 

@@ -26,3 +26,24 @@ def test_split_cpu_adds_a_device_count_unless_one_is_set(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--a=1')
   split_cpu(1)
   assert os.environ['XLA_FLAGS'] == '--a=1'
+
+
+def test_demo_flags_apply_config_overrides_then_steps(capsys):
+  import pytest
+
+  from dimaskdino_jax.demo import parse_args
+
+  base = load_config('configs/shapes.py')
+  n, drops = base.train.num_steps, tuple(base.optim.lr_drop_steps)
+  args, c = parse_args(
+    ['--workdir', 'W', '--steps', str(n // 2), '--config.optim.lr=2e-3', '--config.model.dn.num', '7']
+  )
+  assert args.workdir == 'W'
+  assert c.optim.lr == 2e-3 and c.model.dn.num == 7
+  assert c.train.num_steps == n // 2
+  assert tuple(c.optim.lr_drop_steps) == tuple(max(1, int(d * (n // 2) / n)) for d in drops)
+  args, c = parse_args([])
+  assert c.optim.lr == base.optim.lr and c.train.num_steps == n
+  with pytest.raises(SystemExit):
+    parse_args(['--config.optim.no_such_field=1'])
+  assert 'optim.no_such_field' in capsys.readouterr().err  # the error names the field
