@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dimaskdino_jax import box_ops
 from dimaskdino_jax.losses import matcher, point_sampling
 from dimaskdino_jax.losses.point_sampling import pixel_centers, point_sample, uncertain_point_coords
-from dimaskdino_jax.modeling.outputs import HeadOutputs
+from dimaskdino_jax.modeling.outputs import HeadOutputs, mask_logits
 
 BOX_TERMS = ('loss_ce', 'loss_bbox', 'loss_giou')
 # `uniform` value that selects the mask losses at every pixel (loss.num_points = 0), see `mask_loss_sums`.
@@ -120,10 +120,22 @@ def mask_loss_sums(pred_masks, gt_masks, weights, uniform, loss_cfg):
   return mask_loss_sums_at_points(pred, gt, points, weights.reshape(-1))
 
 
+class EmbeddedMasks(NamedTuple):
+  """L stacked sets of masks given by their factors (modeling.outputs.MaskFactors): masks[l, b, q] =
+  embeds[l, b, q] . maps[feature_index[l], b] over d, the maps given to `looped_mask_loss_sums` as mask_features.
+
+  embeds: (L, B, Q, d); feature_index: (L,) int32.
+  """
+
+  embeds: Any
+  feature_index: Any
+
+
 class MaskPairs(NamedTuple):
   """The (prediction, GT) pairs of L stacked prediction sets that get the point-sampled mask losses.
 
-  masks:  (L, B, Q, Hm, Wm) mask logits.
+  masks:  (L, B, Q, Hm, Wm) mask logits, or EmbeddedMasks: then only the masks of the pairs' queries are formed
+          (the backward pass runs over those, not over all Q).
   query:  (L, B, P) int32 in [0, Q): the predicted mask of each pair; None when pair p is query p (P = Q).
   gt:     (L, B, P) int32 in [0, G): the GT mask of each pair; None when pair p is GT p (P = G).
   weight: (L, B, P): 1 for pairs with a loss, 0 for the others (their loss is computed and multiplied by 0).
@@ -145,10 +157,11 @@ def loss_point_uniforms(key, index, num_maps, loss_cfg):
 LOSS_POINTS = 'loss_points'
 
 
-def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
+def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg, mask_features=None):
   """Point-sampled mask losses (as `mask_loss_sums`) of stacked prediction sets, one stack entry at a time.
 
-  pairs: sequence of MaskPairs with the same L; gt_masks (B, G, Hg, Wg) binary; key: PRNG key of the points.
+  pairs: sequence of MaskPairs with the same L; gt_masks (B, G, Hg, Wg) binary; key: PRNG key of the points;
+  mask_features: (F, B, Hm, Wm, d) the maps of pairs whose masks are EmbeddedMasks (else None).
   Returns a list like `pairs` of (bce (L,), dice (L,)) weighted sums.
 
   A `lax.scan` over the L entries with a rematerialized (`jax.checkpoint`) body: the uniform draws, the candidate
@@ -162,7 +175,7 @@ def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
   either way, so the same losses and gradients; keeping them costs num_points * 8 bytes per pair and layer.
   """
   pairs = tuple(pairs)
-  n_steps = {p.masks.shape[0] for p in pairs}
+  n_steps = {jax.tree.leaves(p.masks)[0].shape[0] for p in pairs}
   if len(n_steps) != 1:
     raise ValueError(f'looped_mask_loss_sums: the MaskPairs must share their leading size, got {sorted(n_steps)}')
 
@@ -170,7 +183,12 @@ def looped_mask_loss_sums(pairs, gt_masks, key, loss_cfg):
     index, step_pairs = xs
     preds, gts, weights = [], [], []
     for masks, query, gt, weight in step_pairs:
-      if query is not None:
+      if isinstance(masks, EmbeddedMasks):
+        embeds = masks.embeds  # (B, Q, d)
+        if query is not None:
+          embeds = jnp.take_along_axis(embeds, query[..., None], axis=1)  # (B, P, d)
+        masks = mask_logits(embeds, mask_features[masks.feature_index])  # (B, P, Hm, Wm)
+      elif query is not None:
         masks = jnp.take_along_axis(masks, query[..., None, None], axis=1)  # (B, P, Hm, Wm)
       gt_maps = gt_masks if gt is None else jnp.take_along_axis(gt_masks, gt[..., None, None], axis=1)
       preds.append(masks.reshape(-1, *masks.shape[-2:]))
@@ -566,31 +584,56 @@ def _looped_mask_terms(predictions, sets, matches, assignment, dn, gt_masks, key
   With deep supervision the decoder layers (final + aux) and the DN layers are one loop over the N layers (one
   `looped_mask_loss_sums` call: the matched queries and the DN slots of layer l at step l); the encoder selection
   (and without deep supervision final and DN, both one entry) a loop of one step.
+
+  With `predictions.mask_factors` (training mode) the loop forms the masks of the matched queries and DN slots
+  from their embeddings (EmbeddedMasks), so the gradient never touches the dense masks of all queries; without
+  it, it takes them from the dense masks. The same products either way.
   """
   deep = 'aux' in sets
+  factors = predictions.mask_factors
+  n = predictions.num_layers
 
-  def matched(masks, query_for_gt):  # masks (L, B, Q, ...), query_for_gt (L, B, G)
-    q = jnp.clip(query_for_gt, 0, masks.shape[2] - 1)
+  def stacked_masks(which, first):
+    """The masks of `which` ('layers', 'dn', 'interm') from stack entry `first` on: (L, B, Q, ...) or EmbeddedMasks."""
+    if factors is None:
+      if which == 'interm':
+        return predictions.interm.masks[None]
+      return (predictions.layers if which == 'layers' else predictions.dn).masks[first:]
+    if which == 'interm':
+      return EmbeddedMasks(factors.interm_embeds[None], jnp.zeros((1,), jnp.int32))
+    embeds = (
+      factors.embeds[first:, :, factors.num_dn :] if which == 'layers' else factors.embeds[first:, :, : factors.num_dn]
+    )
+    return EmbeddedMasks(embeds, jnp.asarray(factors.feature_index[first:], jnp.int32))
+
+  def matched(masks, query_for_gt, num_queries):  # query_for_gt (L, B, G)
+    q = jnp.clip(query_for_gt, 0, num_queries - 1)
     return MaskPairs(masks, q, None, (query_for_gt >= 0).astype(jnp.float32))
 
+  num_q = predictions.layers.logits.shape[-2]
   groups = {}  # leading size L -> [(name, MaskPairs)]: one loop each
   if deep:
     layer_q = jnp.concatenate([matches['aux'], matches['final'][None]], axis=0)
-    groups.setdefault(predictions.num_layers, []).append(('layers', matched(predictions.layers.masks, layer_q)))
+    groups.setdefault(n, []).append(('layers', matched(stacked_masks('layers', 0), layer_q, num_q)))
   else:
-    groups.setdefault(1, []).append(('layers', matched(predictions.layers.masks[-1:], matches['final'][None])))
+    groups.setdefault(1, []).append(('layers', matched(stacked_masks('layers', n - 1), matches['final'][None], num_q)))
   if assignment is not None:
     _, _, gt_index, positive = assignment
     lead = (dn.count, *gt_index.shape)
     pairs = MaskPairs(
-      dn.heads.masks, None, jnp.broadcast_to(gt_index, lead), jnp.broadcast_to(positive.astype(jnp.float32), lead)
+      stacked_masks('dn', predictions.dn.logits.shape[0] - dn.count),
+      None,
+      jnp.broadcast_to(gt_index, lead),
+      jnp.broadcast_to(positive.astype(jnp.float32), lead),
     )
     groups.setdefault(dn.count, []).append(('dn', pairs))
   if 'interm' in sets and sets['interm'][1]:
-    groups.setdefault(1, []).append(('interm', matched(predictions.interm.masks[None], matches['interm'][None])))
+    num_k = predictions.interm.logits.shape[-2]
+    groups.setdefault(1, []).append(('interm', matched(stacked_masks('interm', 0), matches['interm'][None], num_k)))
+  features = None if factors is None else factors.features
   out = {}
   for i, group in enumerate(groups.values()):
-    sums = looped_mask_loss_sums([p for _, p in group], gt_masks, jax.random.fold_in(key, i), loss_cfg)
+    sums = looped_mask_loss_sums([p for _, p in group], gt_masks, jax.random.fold_in(key, i), loss_cfg, features)
     for (name, _), (bce, dice) in zip(group, sums):
       out[name] = {'loss_mask': bce, 'loss_dice': dice}
   layers = out.pop('layers')

@@ -6,8 +6,14 @@ given in [0, 1] (x, y) of the map: the pixel coordinate is `x * W - 0.5`, and ta
 `-|logit|` that MaskDINO uses.
 """
 
+import concurrent.futures
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from kernels.per_shard import per_shard
 
 
 def point_sample(maps, points):
@@ -98,7 +104,59 @@ def uncertain_point_coords(logits, rng, num_points, oversample_ratio, importance
   if num_uncertain > 0:
     coords = uniform[:, :num_sampled]  # (N, num_sampled, 2)
     uncertainty = -jnp.abs(point_sample(logits, coords))  # (N, num_sampled)
-    _, top = jax.lax.top_k(uncertainty, num_uncertain)  # (N, num_uncertain)
+    top = top_k_indices(uncertainty, num_uncertain)  # (N, num_uncertain)
     parts.append(jnp.take_along_axis(coords, top[..., None], axis=1))
   parts.append(uniform[:, num_sampled:])  # the fresh uniform points
   return jnp.concatenate(parts, axis=1)
+
+
+def _host_top_k(values, k):
+  """NumPy: the index set of lax.top_k(values, k) for values (..., n) float32 -> (..., k) int32, ascending.
+
+  The k-th largest value by a linear-time selection (np.partition), then every index above it and, of those equal
+  to it, the lowest ones (as top_k breaks ties), in ascending index order."""
+  values = np.asarray(values, np.float32)
+  values = np.where(np.isnan(values), np.inf, values)  # NaN (a diverged step) above everything, as lax's sort
+  lead, n = values.shape[:-1], values.shape[-1]
+  rows = values.reshape(-1, n)
+  out = np.empty((rows.shape[0], k), np.int32)
+
+  def chunk(start, stop):
+    v = rows[start:stop]
+    kth = np.partition(v, n - k, axis=-1)[:, n - k, None]  # (r, 1) the k-th largest
+    chosen = v >= kth  # (r, n): exactly k per row unless values tie at the k-th
+    for r in np.flatnonzero(np.sum(chosen, axis=-1) > k):  # ties at the cut: keep the lowest indices
+      equal = np.flatnonzero(v[r] == kth[r])
+      chosen[r, equal[k - np.sum(v[r] > kth[r]) :]] = False
+    flat = np.flatnonzero(chosen).reshape(stop - start, k)  # row-major: each row ascending
+    out[start:stop] = flat - (np.arange(stop - start) * n)[:, None]
+
+  workers = max(1, min(os.cpu_count() or 1, rows.shape[0] // 8))
+  bounds = np.linspace(0, rows.shape[0], workers + 1).astype(int)
+  if workers == 1:
+    chunk(0, rows.shape[0])
+  else:  # NumPy's partition releases the GIL
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      list(pool.map(chunk, bounds[:-1], bounds[1:]))
+  return out.reshape(*lead, k)
+
+
+def top_k_indices(values, k):
+  """The indices of the k largest values of each row, values (N, n) float32 -> (N, k) int32: lax.top_k's index
+  set (ties broken towards the lower index, as it does), in ascending index order on a CPU and in top_k's order
+  (largest first) elsewhere. Their consumers sum over the points, so the order moves only the sums' rounding.
+
+  XLA:CPU's TopK sorts each row: ~2.2 ms per row of PointRend's 37,632 candidates (k = 9,408), 3.3 s of the R50
+  training step (BENCHMARKS.md). On a CPU the rows go to NumPy in one host callback (a linear-time selection);
+  on other platforms lax.top_k.
+  """
+
+  def host(v):
+    shape = jax.ShapeDtypeStruct(v.shape[:-1] + (k,), jnp.int32)
+    return jax.pure_callback(lambda x: _host_top_k(x, k), shape, v, vmap_method='broadcast_all')
+
+  def device(v):
+    return jax.lax.top_k(v, k)[1]
+
+  on_cpu = per_shard(host, (0,), 0)
+  return jax.lax.platform_dependent(values, cpu=on_cpu, default=device)

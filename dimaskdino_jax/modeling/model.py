@@ -27,8 +27,14 @@ from dimaskdino_jax.modeling.de_imbalance import DeImbalanceStage, ResidualCross
 from dimaskdino_jax.modeling.decoder import DecoderLayer
 from dimaskdino_jax.modeling.denoising import dn_attention_mask, dn_layout, dn_queries, draw_dn_noise
 from dimaskdino_jax.modeling.encoder import PixelDecoder, flatten_levels, resize_bilinear
-from dimaskdino_jax.modeling.layers import MLP, c2_xavier_fill, conv_padding, torch_linear_bias_init, xavier_uniform
-from dimaskdino_jax.modeling.outputs import DenoisingInfo, HeadOutputs, Predictions
+from dimaskdino_jax.modeling.layers import (
+  MLP,
+  c2_xavier_fill,
+  conv_padding,
+  torch_linear_bias_init,
+  xavier_uniform,
+)
+from dimaskdino_jax.modeling.outputs import DenoisingInfo, HeadOutputs, MaskFactors, Predictions, mask_logits
 from dimaskdino_jax.modeling.position import box_sine_embedding, sine_embedding_2d
 
 Array = Any
@@ -42,6 +48,7 @@ class FirstSelection(NamedTuple):
   content: Array  # (B, K, d) T_s1, the selected tokens, detached (`tgt`)
   anchors: Array  # (B, K, 4) unsigmoided anchors of T_s1 (`refpoint`): mask2box or the selected boxes
   interm: HeadOutputs  # the encoder ("interm") predictions of the K selected tokens
+  interm_embeds: Array  # (B, K, d) their mask embeddings (the factor of interm.masks besides F)
 
 
 class DenoisingQueries(NamedTuple):
@@ -153,7 +160,7 @@ class Predictor(nn.Module):
     extras['q_bal'] = content
     queries = self.denoising_queries(content, anchors, targets, train)  # [DN ++ Q_bal] (B, N_dn + Q, d)
     decoded = self.decoder(queries, memory, memory_pos, shapes, mask_features, guides, extras)
-    layers, dn = self.prediction_heads(queries, decoded, mask_features, with_masks=train or all_layer_masks)
+    layers, dn, factors = self.prediction_heads(queries, decoded, mask_features, with_masks=train or all_layer_masks)
     return Predictions(
       layers=layers,
       interm=first.interm,
@@ -162,16 +169,20 @@ class Predictor(nn.Module):
       dn=dn,
       dn_info=queries.info,
       extras=extras,
+      mask_factors=factors.replace(interm_embeds=first.interm_embeds) if train else None,
     )
 
   # ------------------------------------------------------------------------------------------- shared heads
   def heads(self, x, mask_features, with_masks=True):
     """forward_prediction_heads: x (B, N, d), mask_features (B, Hm, Wm, d) -> logits (B, N, C) of decoder_norm(x),
-    masks (B, N, Hm, Wm) = mask_embed(decoder_norm(x)) . mask_features, or None without masks."""
+    masks (B, N, Hm, Wm) = embeds . mask_features or None without masks, embeds (B, N, d) = mask_embed(
+    decoder_norm(x)) (None without masks)."""
     normed = self.decoder_norm(x)
     logits = self.class_embed(normed)
-    masks = jnp.einsum('bqc,bhwc->bqhw', self.mask_embed(normed), mask_features) if with_masks else None
-    return logits, masks
+    if not with_masks:
+      return logits, None, None
+    embeds = self.mask_embed(normed)
+    return logits, mask_logits(embeds, mask_features), embeds
 
   def query_pos(self, ref):
     """ref_point_head(gen_sineembed_for_position(ref)): ref (B, N, 4) sigmoid boxes -> (B, N, d)."""
@@ -206,7 +217,7 @@ class Predictor(nn.Module):
     extras['enc_topk_index'] = index
     ref_undetach = selection.gather_tokens(token_boxes, index)  # (B, K, 4)
     tgt_undetach = selection.gather_tokens(tokens, index)  # (B, K, d)
-    interm_logits, interm_masks = self.heads(tgt_undetach, mask_features)
+    interm_logits, interm_masks, interm_embeds = self.heads(tgt_undetach, mask_features)
     interm = HeadOutputs(interm_logits, jax.nn.sigmoid(ref_undetach), interm_masks if train else None)
     content = jax.lax.stop_gradient(tgt_undetach)
     box_init = self.cfg.decoder.box_init
@@ -214,7 +225,7 @@ class Predictor(nn.Module):
       anchors = jax.lax.stop_gradient(ref_undetach)
     else:
       anchors = selection.mask2box_anchors(interm_masks, plus_one=box_init == 'bitmask')
-    return FirstSelection(tokens, token_boxes, content, anchors, interm)
+    return FirstSelection(tokens, token_boxes, content, anchors, interm, interm_embeds)
 
   def guide_candidates(self, first):
     """The token sets BATO may take its guiding queries from (config bato.guidance), as far as they exist after
@@ -362,18 +373,20 @@ class Predictor(nn.Module):
   def prediction_heads(self, queries, decoded, mask_features, with_masks):
     """The heads on [initial queries, layer 0, ..., L-1], split into matching queries and DN slots.
 
-    queries (DenoisingQueries), decoded (DecoderOutputs) -> (layers, dn): HeadOutputs (N, B, Q, ...) and
-    (N, B, N_dn, ...) or None, N = L + 1 (L without decoder.initial_pred). Masks for every entry when
+    queries (DenoisingQueries), decoded (DecoderOutputs) -> (layers, dn, factors): HeadOutputs (N, B, Q, ...) and
+    (N, B, N_dn, ...) or None, N = L + 1 (L without decoder.initial_pred); factors (MaskFactors, interm_embeds
+    None) the masks' embeddings and feature maps when `with_masks`, else None. Masks for every entry when
     `with_masks`, else for the last only. Layer outputs are normed again by `heads` (official double LayerNorm).
     """
     model = self.cfg
     num_layers = model.decoder.num_layers
     num_dn = queries.num_slots
-    logits0, masks0 = self.heads(queries.content, mask_features, with_masks=with_masks)
-    logits, boxes, masks = [logits0], [decoded.references[0]], [masks0]
+    logits0, masks0, embeds0 = self.heads(queries.content, mask_features, with_masks=with_masks)
+    logits, boxes, masks, embeds = [logits0], [decoded.references[0]], [masks0], [embeds0]
+    layer_features = [mask_features, *decoded.mask_features]  # the map of each entry: F, or F' after BATO
     for layer_index in range(num_layers):
       last = layer_index == num_layers - 1
-      layer_logits, layer_masks = self.heads(
+      layer_logits, layer_masks, layer_embeds = self.heads(
         decoded.normed[layer_index], decoded.mask_features[layer_index], with_masks=with_masks or last
       )
       logits.append(layer_logits)
@@ -381,17 +394,28 @@ class Predictor(nn.Module):
         jax.nn.sigmoid(self.bbox_embed(decoded.normed[layer_index]) + inverse_sigmoid(decoded.references[layer_index]))
       )
       masks.append(layer_masks)
+      embeds.append(layer_embeds)
     logits, boxes = jnp.stack(logits), jnp.stack(boxes)  # (N, B, N_dn + Q, ...)
     masks = jnp.stack(masks) if with_masks else masks[-1][None]
     if not model.decoder.initial_pred:
       logits, boxes = logits[1:], boxes[1:]
       masks = masks[1:] if with_masks else masks
+      embeds, layer_features = embeds[1:], layer_features[1:]
+    factors = None
+    if with_masks:
+      # The distinct maps, F first: the list holds the same arrays (F, or F' from BATO), told apart by identity.
+      distinct = [mask_features]
+      for features in layer_features:
+        if not any(features is seen for seen in distinct):
+          distinct.append(features)
+      index = tuple(next(i for i, seen in enumerate(distinct) if features is seen) for features in layer_features)
+      factors = MaskFactors(jnp.stack(embeds), None, jnp.stack(distinct), index, num_dn)
 
     layers = HeadOutputs(logits[:, :, num_dn:], boxes[:, :, num_dn:], masks[:, :, num_dn:])
     dn = None
     if queries.info is not None:
       dn = HeadOutputs(logits[:, :, :num_dn], boxes[:, :, :num_dn], masks[:, :, :num_dn])
-    return layers, dn
+    return layers, dn, factors
 
 
 class DIMaskDINO(nn.Module):

@@ -49,6 +49,34 @@ class DenoisingInfo:
   num_groups: Array
 
 
+def mask_logits(embeds, mask_features):
+  """The heads' masks: embeds (B, N, d) . mask_features (B, Hm, Wm, d) over d -> (B, N, Hm, Wm) logits."""
+  return jnp.einsum('bqc,bhwc->bqhw', embeds, mask_features)
+
+
+@flax.struct.dataclass
+class MaskFactors:
+  """The two factors of the training-mode masks, for losses that need the masks of a few queries only.
+
+  Every mask the heads return is `embeds . features` over d: masks[l, b, q] = einsum(embeds[l, b, q],
+  features[feature_index[l], b]). The criterion's point-sampled mask losses gather the embeddings of the matched
+  queries (and DN slots) and form only those masks, so the backward pass runs over those few queries instead of
+  the dense (N, B, N_dn + Q, Hm, Wm) masks (whose values then serve the matcher only, without gradient).
+
+  embeds:        (N, B, N_dn + Q, d) mask_embed(decoder_norm(x)) of each entry of `layers` / `dn`, DN slots first.
+  interm_embeds: (B, K, d) the same for the encoder selection's predictions (their features: features[0]).
+  features:      (F, B, Hm, Wm, d) the distinct mask-feature maps: F first, then F' after BATO (F = 1 or 2).
+  feature_index: (N,) static tuple: the map each entry of `layers` / `dn` uses.
+  num_dn:        static, N_dn (0 without DN).
+  """
+
+  embeds: Array
+  interm_embeds: Array
+  features: Array
+  feature_index: tuple = flax.struct.field(pytree_node=False)
+  num_dn: int = flax.struct.field(pytree_node=False, default=0)
+
+
 @flax.struct.dataclass
 class Predictions:
   """Everything the model returns.
@@ -61,6 +89,7 @@ class Predictions:
   dn:      HeadOutputs stacked like `layers` over the DN slots, (N, B, S, ...); None without DN.
   dn_info: DenoisingInfo or None.
   extras:  dict of intermediate tensors for analysis and parity tests (selected indices, DI/BATO tensors).
+  mask_factors: MaskFactors of the masks in training mode (all layers' masks computed), else None.
   """
 
   layers: HeadOutputs
@@ -70,6 +99,7 @@ class Predictions:
   dn: HeadOutputs | None = None
   dn_info: DenoisingInfo | None = None
   extras: dict = flax.struct.field(default_factory=dict)
+  mask_factors: MaskFactors | None = None
 
   @property
   def final(self) -> HeadOutputs:

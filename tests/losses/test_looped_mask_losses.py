@@ -8,7 +8,7 @@ import numpy as np
 
 from dimaskdino_jax.losses import criterion, matcher
 from dimaskdino_jax.losses.point_sampling import uncertain_point_coords
-from dimaskdino_jax.modeling.outputs import Predictions
+from dimaskdino_jax.modeling.outputs import MaskFactors, Predictions, mask_logits
 from tests.losses import helpers as h
 
 L = 3  # stacked sets (layers)
@@ -99,8 +99,8 @@ def test_looped_mask_losses_equal_the_vmapped_formulation_and_numpy():
 
 def test_the_backward_keeps_the_selected_points_unless_told_to_recompute_them():
   # loss.recompute_points = False (default): the loop keeps the selected points for the backward, so the gradient
-  # program has the forward's top_k only (one per MaskPairs, 2 here); True: the backward selects them again (twice as
-  # many). The same points either way: losses and gradients are bitwise equal.
+  # program has the forward's selections only (one per MaskPairs, 2 here); True: the backward selects them again
+  # (twice as many). The same points either way: losses and gradients are bitwise equal.
   targets, masks, q, dn_masks, dn_gt, dn_w = _problem()
   gt = jnp.asarray(targets['masks'])
   results = {}
@@ -113,7 +113,8 @@ def test_the_backward_keeps_the_selected_points_unless_told_to_recompute_them():
       return sum(jnp.sum(b * (1 + jnp.arange(L))) + 2 * jnp.sum(dc) for b, dc in sums)
 
     grad = jax.value_and_grad(f, argnums=(0, 1))
-    assert str(jax.make_jaxpr(grad)(masks, dn_masks)).count('top_k') == (4 if recompute else 2)
+    # Each selection is one host callback on a CPU (point_sampling.top_k_indices).
+    assert str(jax.make_jaxpr(grad)(masks, dn_masks)).count('pure_callback') == (4 if recompute else 2)
     results[recompute] = jax.jit(grad)(masks, dn_masks)
   for kept, again in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
     np.testing.assert_array_equal(np.asarray(kept), np.asarray(again))
@@ -193,3 +194,76 @@ def test_looped_mask_losses_without_deep_supervision_or_dn():
   assert all(np.isfinite(float(terms[k])) and float(terms[k]) > 0 for k in names)
   _, terms_no_dn = fn(Predictions(p.layers, p.interm, p.di_aux), targets)
   assert {k for k in terms_no_dn if k.startswith('loss_mask')} == {'loss_mask', 'loss_mask_interm'}
+
+
+def _factored_predictions(seed=3, d=5, feature_index=(0, 0, 1)):
+  """Random Predictions whose masks are products of MaskFactors (as the model's in training), with the factors."""
+  rng = np.random.default_rng(seed)
+  p = h.make_predictions(seed=seed, num_groups=2)
+  s = p.dn.logits.shape[-2]
+  embeds = jnp.asarray(rng.normal(size=(h.N_LAYERS, h.B, s + h.Q, d)), jnp.float32)
+  interm_embeds = jnp.asarray(rng.normal(size=(h.B, h.K, d)), jnp.float32)
+  features = jnp.asarray(rng.normal(size=(2, h.B, *h.PRED_HW, d)), jnp.float32)
+  return p, MaskFactors(embeds, interm_embeds, features, feature_index, s)
+
+
+def _with_dense_masks(p, factors, keep_factors):
+  """p with the dense masks formed from `factors` (stack entry l uses features[feature_index[l]]), and the
+  factors attached when keep_factors."""
+  dense = jnp.stack([mask_logits(factors.embeds[l], factors.features[i]) for l, i in enumerate(factors.feature_index)])
+  s = factors.num_dn
+  return p.replace(
+    layers=p.layers.replace(masks=dense[:, :, s:]),
+    dn=p.dn.replace(masks=dense[:, :, :s]),
+    interm=p.interm.replace(masks=mask_logits(factors.interm_embeds, factors.features[0])),
+    mask_factors=factors if keep_factors else None,
+  )
+
+
+def test_mask_losses_from_the_factors_equal_those_of_the_dense_masks_and_skip_their_gradient():
+  """With MaskFactors (the model's training outputs) the looped mask losses form only the matched queries' and DN
+  slots' masks: the same terms and the same gradients with respect to the factors as when they are read from the
+  dense masks, and no gradient reaches the dense masks (the matcher reads them without gradient)."""
+  cfg = h.tiny_config(num_points=16)
+  targets = {k: jnp.asarray(v) for k, v in h.make_targets(seed=2).items()}
+  p, factors = _factored_predictions()
+
+  def loss(factors, keep_factors):
+    preds = _with_dense_masks(p, factors, keep_factors)
+    return criterion.compute_losses(preds, targets, jax.random.key(4), cfg)
+
+  results = {}
+  for keep in (False, True):
+    fn = jax.jit(jax.value_and_grad(lambda f, keep=keep: loss(f, keep), has_aux=True))
+    (total, terms), grads = fn(factors)
+    results[keep] = (total, terms, grads)
+  (total_d, terms_d, grads_d), (total_f, terms_f, grads_f) = results[False], results[True]
+  assert set(terms_d) == set(terms_f)
+  assert {k for k in terms_f if k.startswith('loss_mask')} >= {
+    'loss_mask',
+    'loss_mask_0',
+    'loss_mask_dn',
+    'loss_mask_interm',
+  }
+  for name in terms_d:
+    np.testing.assert_allclose(float(terms_f[name]), float(terms_d[name]), rtol=1e-5, atol=1e-7, err_msg=name)
+  np.testing.assert_allclose(float(total_f), float(total_d), rtol=1e-6)
+  for name in ('embeds', 'interm_embeds', 'features'):
+    want, got = np.asarray(getattr(grads_d, name)), np.asarray(getattr(grads_f, name))
+    assert np.abs(want).max() > 0, name
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
+
+  # The factors' path: the dense masks get no gradient at all.
+  def loss_of_dense(dense_layers, dense_dn, dense_interm):
+    preds = _with_dense_masks(p, factors, True)
+    preds = preds.replace(
+      layers=preds.layers.replace(masks=dense_layers),
+      dn=preds.dn.replace(masks=dense_dn),
+      interm=preds.interm.replace(masks=dense_interm),
+    )
+    return criterion.compute_losses(preds, targets, jax.random.key(4), cfg)[0]
+
+  preds = _with_dense_masks(p, factors, True)
+  dense = (preds.layers.masks, preds.dn.masks, preds.interm.masks)
+  for g in jax.jit(jax.grad(loss_of_dense, argnums=(0, 1, 2)))(*dense):
+    assert not np.any(np.asarray(g))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dimaskdino_jax.losses import point_sampling
 from dimaskdino_jax.losses.point_sampling import num_uniform_draws, point_sample, uncertain_point_coords
 from tests.losses.helpers import np_point_sample
 
@@ -86,3 +87,19 @@ def test_uncertain_points_from_given_uniforms():
     np.testing.assert_allclose(np.sort(chosen), np.sort(unc)[-6:], atol=1e-5)
   with pytest.raises(ValueError, match='uniform has shape'):
     uncertain_point_coords(logits, None, num_points, over, imp, uniform=uniform[:, :5])
+
+
+def test_top_k_indices_are_the_index_set_of_lax_top_k_ties_included():
+  """point_sampling.top_k_indices (a host selection on a CPU) picks lax.top_k's indices, ties broken towards the
+  lower index as top_k does, under jit and vmap; PointRend's sizes and small ones."""
+  rng = np.random.default_rng(0)
+  for n, k, rows in ((37632, 9408, 6), (40, 7, 50), (9, 9, 3), (12, 1, 4)):
+    v = -np.abs(rng.normal(size=(rows, n))).astype(np.float32)
+    v[0, : n // 2] = v[0, n - 1]  # a tie across the cut
+    v[1] = 0.0  # all equal: the first k
+    v[2, ::2] = np.round(v[2, ::2], 1)  # many ties
+    want = np.sort(np.asarray(jax.lax.top_k(jnp.asarray(v), k)[1]), axis=-1)
+    got = np.asarray(jax.jit(lambda x, k=k: point_sampling.top_k_indices(x, k))(v))
+    np.testing.assert_array_equal(got, want)
+    batched = np.asarray(jax.vmap(lambda x, k=k: point_sampling.top_k_indices(x, k))(v.reshape(rows, 1, n)))
+    np.testing.assert_array_equal(batched[:, 0], want)
