@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dimaskdino_jax.modeling.layers import conv_padding
+from dimaskdino_jax.modeling.layers import Conv, conv_padding
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -49,7 +49,7 @@ class ConvNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(
+    x = Conv(
       self.features,
       (self.kernel, self.kernel),
       strides=(self.stride, self.stride),

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dimaskdino_jax.modeling.deformable import MSDeformAttn
-from dimaskdino_jax.modeling.layers import FFN, c2_xavier_fill, conv_padding, xavier_uniform, zeros
+from dimaskdino_jax.modeling.layers import FFN, Conv, c2_xavier_fill, conv_padding, xavier_uniform, zeros
 from dimaskdino_jax.modeling.position import sine_embedding_2d
 
 
@@ -87,14 +87,14 @@ class PixelDecoder(nn.Module):
     group_norm = lambda name: nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, name=name)  # noqa: E731
     srcs, pos_shapes = [], []
     for i, key in enumerate(('res3', 'res4', 'res5')):
-      x = nn.Conv(self.dim, (1, 1), kernel_init=xavier_uniform, bias_init=zeros, name=f'input_proj_{i}_conv')(
+      x = Conv(self.dim, (1, 1), kernel_init=xavier_uniform, bias_init=zeros, name=f'input_proj_{i}_conv')(
         features[key]
       )
       srcs.append(group_norm(f'input_proj_{i}_norm')(x))
       pos_shapes.append(features[key].shape[1:3])
     x = features['res5']
     for i in range(3, self.total_levels):
-      x = nn.Conv(
+      x = Conv(
         self.dim,
         (3, 3),
         strides=(2, 2),
@@ -131,12 +131,10 @@ class PixelDecoder(nn.Module):
 
     # 1/4 mask branch: adapter_1(res2) + upsampled 1/8 map, layer_1 (3x3 + GN + ReLU), mask_features (1x1 + bias).
     res2 = features['res2']
-    y = nn.Conv(self.dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill(), name='adapter_1')(res2)
+    y = Conv(self.dim, (1, 1), use_bias=False, kernel_init=c2_xavier_fill(), name='adapter_1')(res2)
     y = group_norm('adapter_1_norm')(y)
     y = y + resize_bilinear(outs[0], res2.shape[1:3])
-    y = nn.Conv(
-      self.dim, (3, 3), padding=conv_padding(3), use_bias=False, kernel_init=c2_xavier_fill(), name='layer_1'
-    )(y)
+    y = Conv(self.dim, (3, 3), padding=conv_padding(3), use_bias=False, kernel_init=c2_xavier_fill(), name='layer_1')(y)
     y = nn.relu(group_norm('layer_1_norm')(y))
-    mask_features = nn.Conv(self.dim, (1, 1), kernel_init=c2_xavier_fill(), bias_init=zeros, name='mask_features')(y)
+    mask_features = Conv(self.dim, (1, 1), kernel_init=c2_xavier_fill(), bias_init=zeros, name='mask_features')(y)
     return mask_features, outs

@@ -3,6 +3,7 @@
 Weights are laid out the Flax way (kernels (in, out), convs (kh, kw, in, out)); the converter transposes.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -129,3 +130,136 @@ def conv_padding(kernel: int):
   """Explicit symmetric padding of torch Conv2d(padding=kernel // 2)."""
   p = kernel // 2
   return ((p, p), (p, p))
+
+
+# ------------------------------------------------------------------------------------ convolution weight gradient
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _matmul_wgrad_pays(x_shape, kernel_shape, strides):
+  """Whether `conv_general_dilated` takes this NHWC convolution's weight gradient as matrix products: every 1 x 1
+  convolution from 64 input channels, and larger kernels from 256 input channels on maps of at least 32,768 output
+  pixels (batch included). Measured on the 2-core CPU (BENCHMARKS.md): XLA's weight gradient took 31-77 ms where
+  the products took 36-93 ms (3 x 3 convolutions of ResNet's stages at 512 x 512), and 813 ms against 419 ms for
+  the 3 x 3 256 -> 256 convolutions at 1/4 scale; the 1 x 1 ones 2-9x faster as products at every size tried."""
+  kh, kw, ci, _ = kernel_shape
+  out_pixels = x_shape[0] * (x_shape[1] // strides[0]) * (x_shape[2] // strides[1])
+  if (kh, kw) == (1, 1):
+    return ci >= 64
+  return ci >= 256 and out_pixels >= 32768
+
+
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+  **kwargs,
+):
+  """lax.conv_general_dilated (as nn.Conv's `conv_general_dilated`) whose weight gradient on a CPU is a sum of
+  matrix products where that pays (`_matmul_wgrad_pays`).
+
+  The forward pass and the input gradient are lax's, so outputs are unchanged. XLA:CPU takes the weight gradient
+  of a convolution as another convolution whose "kernel" is the output map, far below the CPU's matrix-product
+  speed for 1 x 1 kernels and for large maps (the R50 training step at 512 x 512: 0.8-1.0 s for each of the two
+  3 x 3 256 -> 256 convolutions at 1/4 scale, 39 GFLOP). Here it is one product per kernel tap (i, j):
+  dW[i, j] = sum over (b, y, x) of x_pad[b, s*y + i, s*x + j, :]^T dY[b, y, x, :], in float32. NHWC / HWIO
+  convolutions without dilation or groups only; on other platforms the gradient stays lax's.
+  """
+  simple = (
+    not kwargs
+    and all(d is None or tuple(d) == (1,) * len(d) for d in (lhs_dilation, rhs_dilation))
+    and feature_group_count == 1
+    and lhs.ndim == 4
+    and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  )
+  if simple:
+    if isinstance(padding, str):
+      padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    strides = tuple(int(s) for s in window_strides)
+    if min(min(pair) for pair in pads) >= 0 and _matmul_wgrad_pays(lhs.shape, rhs.shape, strides):
+      return _conv_matmul_wgrad(lhs, rhs, strides, pads, precision)
+  return jax.lax.conv_general_dilated(
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+    precision=precision, **kwargs,
+  )  # fmt: skip
+
+
+# nn.Conv with that weight gradient: the model's convolutions (parameters and outputs as nn.Conv's).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+def _conv_nhwc(x, w, strides, pads, precision):
+  return jax.lax.conv_general_dilated(
+    x, w, strides, pads, dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC), precision=precision
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_matmul_wgrad(x, w, strides, pads, precision):
+  return _conv_nhwc(x, w, strides, pads, precision)
+
+
+def _conv_fwd(x, w, strides, pads, precision):
+  return _conv_nhwc(x, w, strides, pads, precision), (x, w)
+
+
+def _conv_bwd(strides, pads, precision, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x_: _conv_nhwc(x_, w, strides, pads, precision), x)
+  (dx,) = input_vjp(dy)
+
+  def by_products(x, dy):
+    return _weight_grad(x, dy, w.shape[:2], strides, pads, precision).astype(w.dtype)
+
+  def by_lax(x, dy):
+    return jax.vjp(lambda w_: _conv_nhwc(x, w_, strides, pads, precision), w)[1](dy)[0]
+
+  return dx, jax.lax.platform_dependent(x, dy, cpu=by_products, default=by_lax)
+
+
+_conv_matmul_wgrad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _tn_product(a, b, precision):
+  """a (K, M), b (K, N) -> a^T b (M, N) float32. XLA:CPU's matrix product wants the contracted axis last in its
+  left operand, so one operand is transposed (a copy): the narrower one (a^T b = (b^T a)^T)."""
+  if a.shape[1] <= b.shape[1]:
+    return jnp.matmul(a.T, b, precision=precision, preferred_element_type=jnp.float32)
+  return jnp.matmul(b.T, a, precision=precision, preferred_element_type=jnp.float32).T
+
+
+def _weight_grad(x, dy, kernel_hw, strides, pads, precision):
+  """x (B, H, W, Ci), dy (B, Ho, Wo, Co) -> dW (kh, kw, Ci, Co) float32: one product per tap.
+
+  Stride 1: dW[i, j] = X^T (Ci, B*H*W) @ dY shifted by the tap (the padded dY's window at (kh-1-i, kw-1-j)), so
+  X is transposed once for all the products and only dY's windows are sliced. 1 x 1 or strided: the products of
+  the (strided) windows of the padded X (`_tn_product`)."""
+  kh, kw = kernel_hw
+  (sh, sw), (b, ho, wo, co), ci = strides, dy.shape, x.shape[3]
+  (pt, pb), (pl, pr) = pads
+  taps = []
+  if (sh, sw) == (1, 1) and (kh, kw) != (1, 1):
+    xt = jnp.transpose(x, (3, 0, 1, 2)).reshape(ci, -1)  # (Ci, B*H*W)
+    # dW[i, j] = sum over input pixels q of x[q] dy[q + pad - tap]: dY padded so that every window is in range.
+    h, w = x.shape[1:3]
+    dyp = jnp.pad(dy, ((0, 0), (kh - 1 - pt, h + pt - ho), (kw - 1 - pl, w + pl - wo), (0, 0)))
+    for i in range(kh):
+      for j in range(kw):
+        window = jax.lax.slice(dyp, (0, kh - 1 - i, kw - 1 - j, 0), (b, kh - 1 - i + h, kw - 1 - j + w, co))
+        taps.append(jnp.matmul(xt, window.reshape(-1, co), precision=precision, preferred_element_type=jnp.float32))
+    return jnp.stack(taps).reshape(kh, kw, ci, co)
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  for i in range(kh):
+    for j in range(kw):
+      patch = jax.lax.slice(
+        xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, ci), (1, sh, sw, 1)
+      )  # (B, Ho, Wo, Ci): the inputs tap (i, j) multiplies
+      taps.append(_tn_product(patch.reshape(-1, ci), dy.reshape(-1, co), precision))
+  return jnp.stack(taps).reshape(kh, kw, ci, co)

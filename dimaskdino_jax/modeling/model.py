@@ -29,6 +29,7 @@ from dimaskdino_jax.modeling.denoising import dn_attention_mask, dn_layout, dn_q
 from dimaskdino_jax.modeling.encoder import PixelDecoder, flatten_levels, resize_bilinear
 from dimaskdino_jax.modeling.layers import (
   MLP,
+  Conv,
   c2_xavier_fill,
   conv_padding,
   torch_linear_bias_init,
@@ -132,9 +133,7 @@ class Predictor(nn.Module):
         formulation=model.formulation,
         guiding_token_generation=model.bato.guiding_token_generation,
       )
-      self.mask_output_conv = nn.Conv(
-        dim, (3, 3), padding=conv_padding(3), use_bias=False, kernel_init=c2_xavier_fill()
-      )
+      self.mask_output_conv = Conv(dim, (3, 3), padding=conv_padding(3), use_bias=False, kernel_init=c2_xavier_fill())
       self.mask_output_conv_norm = nn.GroupNorm(num_groups=model.encoder.num_groups, epsilon=1e-5)
 
   # ------------------------------------------------------------------------------------------- forward

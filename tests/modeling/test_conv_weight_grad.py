@@ -1,0 +1,48 @@
+"""layers.Conv: nn.Conv whose weight gradient on a CPU is a sum of matrix products (layers.conv_general_dilated).
+
+Against nn.Conv (lax's convolution and its gradient): the same outputs bitwise, and the same input and weight
+gradients within float32 summation-order error (relative 1e-5 of the largest entry), for the convolutions that take
+the products (1 x 1 from 64 channels, strided or not, 'SAME' or explicit padding; 3 x 3 at 256 channels on a map
+of 32,768 output pixels, with padding and stride) and for ones that keep lax's gradient.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimaskdino_jax.modeling import layers
+
+CASES = [
+  # (input shape NHWC, kernel, out channels, stride, padding, takes the products)
+  ((2, 20, 24, 64), 1, 48, 1, 'SAME', True),
+  ((2, 21, 17, 96), 1, 32, 2, ((0, 0), (0, 0)), True),
+  ((2, 128, 128, 256), 3, 16, 1, ((1, 1), (1, 1)), True),
+  ((2, 130, 130, 256), 3, 8, 1, ((0, 0), (0, 0)), True),
+  ((1, 16, 16, 256), 3, 8, 2, ((1, 1), (1, 1)), False),  # small map: lax's gradient
+  ((2, 12, 12, 3), 7, 8, 2, ((3, 3), (3, 3)), False),  # the ResNet stem: lax's
+  ((2, 12, 12, 32), 1, 8, 1, 'SAME', False),  # few channels: lax's
+]
+
+
+@pytest.mark.parametrize('shape,k,co,stride,padding,products', CASES)
+def test_conv_weight_gradient_by_products_equals_lax(shape, k, co, stride, padding, products):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kwargs = dict(features=co, kernel_size=(k, k), strides=(stride, stride), padding=padding)
+  ours, ref = layers.Conv(**kwargs), nn.Conv(**kwargs)
+  variables = ref.init(jax.random.key(0), x)
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+
+  def loss(module):
+    return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours), argnums=(0, 1)))(variables, x))
+  assert ('branches_platforms' in jaxpr) == products  # the backward's CPU / other-platform choice
+  np.testing.assert_array_equal(np.asarray(ours.apply(variables, x)), np.asarray(ref.apply(variables, x)))
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
+  want = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(variables, x)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    w = np.asarray(w)
+    np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max())
