@@ -212,16 +212,15 @@ def _conv_fwd(x, w, strides, pads, precision):
 
 def _conv_bwd(strides, pads, precision, residuals, dy):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x_: _conv_nhwc(x_, w, strides, pads, precision), x)
-  (dx,) = input_vjp(dy)
 
-  def by_products(x, dy):
-    return _weight_grad(x, dy, w.shape[:2], strides, pads, precision).astype(w.dtype)
+  def by_products(x, w, dy):  # lax's input gradient, the weight gradient as products
+    (dx,) = jax.vjp(lambda x_: _conv_nhwc(x_, w, strides, pads, precision), x)[1](dy)
+    return dx, _weight_grad(x, dy, w.shape[:2], strides, pads, precision).astype(w.dtype)
 
-  def by_lax(x, dy):
-    return jax.vjp(lambda w_: _conv_nhwc(x, w_, strides, pads, precision), w)[1](dy)[0]
+  def by_lax(x, w, dy):  # both of lax's
+    return jax.vjp(lambda x_, w_: _conv_nhwc(x_, w_, strides, pads, precision), x, w)[1](dy)
 
-  return dx, jax.lax.platform_dependent(x, dy, cpu=by_products, default=by_lax)
+  return jax.lax.platform_dependent(x, w, dy, cpu=by_products, default=by_lax)
 
 
 _conv_matmul_wgrad.defvjp(_conv_fwd, _conv_bwd)

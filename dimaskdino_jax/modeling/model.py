@@ -382,7 +382,6 @@ class Predictor(nn.Module):
     num_dn = queries.num_slots
     logits0, masks0, embeds0 = self.heads(queries.content, mask_features, with_masks=with_masks)
     logits, boxes, masks, embeds = [logits0], [decoded.references[0]], [masks0], [embeds0]
-    layer_features = [mask_features, *decoded.mask_features]  # the map of each entry: F, or F' after BATO
     for layer_index in range(num_layers):
       last = layer_index == num_layers - 1
       layer_logits, layer_masks, layer_embeds = self.heads(
@@ -399,15 +398,15 @@ class Predictor(nn.Module):
     if not model.decoder.initial_pred:
       logits, boxes = logits[1:], boxes[1:]
       masks = masks[1:] if with_masks else masks
-      embeds, layer_features = embeds[1:], layer_features[1:]
+      embeds = embeds[1:]
     factors = None
     if with_masks:
-      # The distinct maps, F first: the list holds the same arrays (F, or F' from BATO), told apart by identity.
-      distinct = [mask_features]
-      for features in layer_features:
-        if not any(features is seen for seen in distinct):
-          distinct.append(features)
-      index = tuple(next(i for i, seen in enumerate(distinct) if features is seen) for features in layer_features)
+      # The distinct maps: F, and F' from BATO's layer on (as `decoder` switches them); map 0 of the initial entry.
+      bato_layer = model.bato.layer if model.bato.enabled and model.bato.layer < num_layers else None
+      distinct = [mask_features] if bato_layer is None else [mask_features, decoded.mask_features[bato_layer]]
+      index = (0, *(int(bato_layer is not None and i >= bato_layer) for i in range(num_layers)))
+      if not model.decoder.initial_pred:
+        index = index[1:]
       factors = MaskFactors(jnp.stack(embeds), None, jnp.stack(distinct), index, num_dn)
 
     layers = HeadOutputs(logits[:, :, num_dn:], boxes[:, :, num_dn:], masks[:, :, num_dn:])

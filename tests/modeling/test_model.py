@@ -7,6 +7,7 @@ import pytest
 
 from dimaskdino_jax.config import ConfigError, load_config
 from dimaskdino_jax.modeling.model import build_model
+from dimaskdino_jax.modeling.outputs import mask_logits
 from dimaskdino_jax.summary import abstract_variables, count_params
 from tests.tiny import CANVAS, tiny_config
 
@@ -64,6 +65,33 @@ def test_shapes_and_finiteness_train_and_eval(base):
   ev = run(model, variables, images())
   assert ev.dn is None and ev.layers.masks.shape == (1, 2, 12, hm, hm)
   np.testing.assert_allclose(ev.layers.logits, out.layers.logits, rtol=1e-5, atol=1e-5)  # DN never leaks
+
+
+@pytest.mark.parametrize('initial_pred,bato', [(True, True), (False, True), (True, False)])
+def test_mask_factors_give_every_training_mask(initial_pred, bato):
+  """Predictions.mask_factors (training mode): every mask of `layers`, `dn` and `interm` is its embedding times the
+  map its feature_index names (F before BATO's layer, F' from it on), with and without the initial prediction and
+  BATO; in eval mode there are none."""
+  c = tiny_config()
+  c.model.decoder.initial_pred = initial_pred
+  c.model.bato.enabled = bato
+  model, variables = init(c)
+  out = run(model, variables, images(), targets(), train=True)
+  f = out.mask_factors
+  n = out.layers.logits.shape[0]
+  assert len(f.feature_index) == n and f.features.shape[0] == (2 if bato else 1)
+  if bato:
+    first = c.model.bato.layer + (1 if initial_pred else 0)  # stack entry of BATO's decoder layer
+    assert f.feature_index == tuple(int(i >= first) for i in range(n))
+  dense = jnp.concatenate([out.dn.masks, out.layers.masks], axis=2)  # DN slots first, as the embeddings
+  for i, fi in enumerate(f.feature_index):
+    want = np.asarray(dense[i])
+    got = np.asarray(mask_logits(f.embeds[i], f.features[fi]))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  want = np.asarray(out.interm.masks)
+  got = np.asarray(mask_logits(f.interm_embeds, f.features[0]))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  assert run(model, variables, images()).mask_factors is None
 
 
 def test_dn_slots_do_not_change_matching_queries(base):
