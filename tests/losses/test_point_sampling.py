@@ -1,4 +1,5 @@
-"""point_sample vs a NumPy grid_sample(align_corners=False, zeros) sampler; PointRend importance sampling."""
+"""point_sample and point_sample_no_grad vs a NumPy grid_sample(align_corners=False, zeros) sampler; PointRend
+importance sampling."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,12 @@ import numpy as np
 import pytest
 
 from dimaskdino_jax.losses import point_sampling
-from dimaskdino_jax.losses.point_sampling import num_uniform_draws, point_sample, uncertain_point_coords
+from dimaskdino_jax.losses.point_sampling import (
+  num_uniform_draws,
+  point_sample,
+  point_sample_no_grad,
+  uncertain_point_coords,
+)
 from tests.losses.helpers import np_point_sample
 
 
@@ -17,11 +23,15 @@ def _points(rng, n, p, h, w):
   return pts
 
 
-def test_point_sample_matches_numpy_per_map_points():
+SAMPLERS = pytest.mark.parametrize('sampler', [point_sample, point_sample_no_grad], ids=['point_sample', 'no_grad'])
+
+
+@SAMPLERS
+def test_point_sample_matches_numpy_per_map_points(sampler):
   rng = np.random.default_rng(0)
   maps = rng.normal(size=(3, 5, 7))
   pts = _points(rng, 3, 20, 5, 7)
-  out = point_sample(jnp.asarray(maps, jnp.float32), jnp.asarray(pts, jnp.float32))
+  out = sampler(jnp.asarray(maps, jnp.float32), jnp.asarray(pts, jnp.float32))
   ref = np.stack([np_point_sample(maps[i], pts[i]) for i in range(3)])
   assert out.shape == (3, 20)
   np.testing.assert_allclose(np.asarray(out), ref, atol=2e-6)
@@ -31,16 +41,17 @@ def test_point_sample_matches_numpy_per_map_points():
   np.testing.assert_allclose(np.asarray(out[:, 4]), maps[:, 0, 0], atol=1e-6)
 
 
-def test_point_sample_shared_points_shared_map_and_uint8():
+@SAMPLERS
+def test_point_sample_shared_points_shared_map_and_uint8(sampler):
   rng = np.random.default_rng(1)
   maps = (rng.uniform(size=(4, 6, 6)) > 0.5).astype(np.uint8)
   pts = _points(rng, 1, 15, 6, 6)[0]
-  shared = point_sample(jnp.asarray(maps), jnp.asarray(pts, jnp.float32))  # points (P, 2) for every map
+  shared = sampler(jnp.asarray(maps), jnp.asarray(pts, jnp.float32))  # points (P, 2) for every map
   assert shared.dtype == jnp.float32 and shared.shape == (4, 15)
   ref = np.stack([np_point_sample(maps[i].astype(np.float64), pts) for i in range(4)])
   np.testing.assert_allclose(np.asarray(shared), ref, atol=2e-6)
   many = _points(rng, 2, 9, 6, 6)
-  one_map = point_sample(jnp.asarray(maps[0]), jnp.asarray(many, jnp.float32))  # map (H, W) for every point set
+  one_map = sampler(jnp.asarray(maps[0]), jnp.asarray(many, jnp.float32))  # map (H, W) for every point set
   ref = np.stack([np_point_sample(maps[0].astype(np.float64), many[i]) for i in range(2)])
   np.testing.assert_allclose(np.asarray(one_map), ref, atol=2e-6)
 
