@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dimaskdino_jax.modeling.layers import DenseBiasApart, xavier_uniform, zeros
+from dimaskdino_jax.modeling.layers import Dense, DenseBiasApart, xavier_uniform, zeros
 from kernels.ms_deform_attn import ms_deform_attn
 
 
@@ -54,13 +54,13 @@ class MSDeformAttn(nn.Module):
     # The value projection's bias is handed to the op, which adds it to each sampled row (faster on XLA:CPU).
     value, value_bias = DenseBiasApart(self.dim, xavier_uniform, zeros, name='value_proj')(value_input)
     value = value.reshape(b, value.shape[1], m, self.dim // m)  # (B, S, M, D) without the bias
-    offsets = nn.Dense(
+    offsets = Dense(
       m * lv * p * 2,
       kernel_init=zeros,
       bias_init=sampling_offsets_bias_init(m, lv, p),
       name='sampling_offsets',
     )(query).reshape(b, lq, m, lv, p, 2)
-    weights = nn.Dense(m * lv * p, kernel_init=zeros, bias_init=zeros, name='attention_weights')(query)
+    weights = Dense(m * lv * p, kernel_init=zeros, bias_init=zeros, name='attention_weights')(query)
     weights = jax.nn.softmax(weights.reshape(b, lq, m, lv * p), axis=-1).reshape(b, lq, m, lv, p)
     if reference_points.shape[-1] == 2:
       normalizer = jnp.array([[w, h] for h, w in spatial_shapes], jnp.float32)  # (L, 2) as (W, H)
@@ -72,4 +72,4 @@ class MSDeformAttn(nn.Module):
     bias = value_bias.reshape(m, self.dim // m)  # (M, D)
     out = ms_deform_attn(value, tuple(spatial_shapes), starts, loc, weights, impl=self.impl, value_bias=bias)
     # out: (B, Lq, d)
-    return nn.Dense(self.dim, kernel_init=xavier_uniform, bias_init=zeros, name='output_proj')(out)
+    return Dense(self.dim, kernel_init=xavier_uniform, bias_init=zeros, name='output_proj')(out)

@@ -34,6 +34,70 @@ def c2_xavier_fill():
   return nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
 
+def _linear(x, kernel):
+  """x (..., K) @ kernel (K, C) -> (..., C), as nn.Dense computes it."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def dense(x, kernel, bias):
+  """x (..., K) @ kernel (K, C) + bias (C,) (bias None: no bias): nn.Dense's forward, with a gradient that a CPU
+  computes as 2-D matrix products.
+
+  XLA:CPU given autodiff's weight gradient (a dot_general contracting x's and dy's leading axes) and bias gradient
+  (a reduction over them) copies dy into another layout and splits the reduction into windowed ones; for the
+  encoder's FFN at batch 2 and 512 x 512 (10,880 tokens, 256 -> 2,048 -> 256) the forward and backward took 645 ms,
+  with the products below 510-560 ms (ad-hoc benchmark, BENCHMARKS.md session 16). Here: dx as autodiff's, dW =
+  X^T dY with the narrower operand transposed (`_tn_product`), db = ones^T dY. Other platforms keep autodiff's.
+  """
+  y = _linear(x, kernel)
+  return y if bias is None else y + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return dense(x, kernel, bias), (x, kernel, None if bias is None else jnp.zeros((0,), bias.dtype))
+
+
+def _dense_grads_by_products(x, kernel, dy):
+  """(dx, dW float32, db float32) of `dense` as 2-D products (the CPU's)."""
+  (dx,) = jax.vjp(lambda x_: _linear(x_, kernel), x)[1](dy)
+  xf, dyf = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (N, K), (N, C)
+  dw = _tn_product(xf, dyf, None)  # (K, C)
+  db = jnp.matmul(jnp.ones((1, dyf.shape[0]), dyf.dtype), dyf, preferred_element_type=jnp.float32)[0]  # (C,)
+  return dx, dw, db
+
+
+def _dense_grads_by_autodiff(x, kernel, dy):
+  """(dx, dW, db float32) of `dense` as autodiff takes them (other platforms)."""
+  dx, dw = jax.vjp(_linear, x, kernel)[1](dy)
+  return dx, dw, jnp.sum(dy.reshape(-1, dy.shape[-1]), axis=0, dtype=jnp.float32)
+
+
+def _dense_bwd(residuals, dy):
+  x, kernel, bias_dtype = residuals
+  dx, dw, db = jax.lax.platform_dependent(x, kernel, dy, cpu=_dense_grads_by_products, default=_dense_grads_by_autodiff)
+  return dx, dw.astype(kernel.dtype), None if bias_dtype is None else db.astype(bias_dtype.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Dense(nn.Module):
+  """`nn.Dense` (same parameters: names, shapes, initializers, creation order; the same forward) with `dense`'s
+  gradient."""
+
+  features: int
+  kernel_init: nn.initializers.Initializer = xavier_uniform
+  bias_init: nn.initializers.Initializer = zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param('bias', self.bias_init, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    return dense(x, kernel, bias)
+
+
 class DenseBiasApart(nn.Module):
   """`nn.Dense` (same parameters: names, shapes, initializers, creation order) returning `(x @ kernel, bias)` with
   the bias not added, for a consumer that adds it itself (the deformable attention's value: kernels/ms_deform_attn/
@@ -48,7 +112,7 @@ class DenseBiasApart(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
     bias = self.param('bias', self.bias_init, (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias
+    return dense(x, kernel, None), bias
 
 
 class MLP(nn.Module):
@@ -68,7 +132,7 @@ class MLP(nn.Module):
       last = k == self.num_layers - 1
       feats = self.output_dim if last else self.hidden_dim
       init = dict(kernel_init=zeros, bias_init=zeros) if (last and self.zero_last) else {}
-      x = nn.Dense(
+      x = Dense(
         feats,
         kernel_init=init.get('kernel_init', torch_linear_kernel_init()),
         bias_init=init.get('bias_init', torch_linear_bias_init(x.shape[-1])),
@@ -88,10 +152,8 @@ class FFN(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.Dense(self.ffn_dim, kernel_init=xavier_uniform, bias_init=torch_linear_bias_init(self.dim), name='linear1')(
-      x
-    )
-    y = nn.Dense(self.dim, kernel_init=xavier_uniform, bias_init=torch_linear_bias_init(self.ffn_dim), name='linear2')(
+    y = Dense(self.ffn_dim, kernel_init=xavier_uniform, bias_init=torch_linear_bias_init(self.dim), name='linear1')(x)
+    y = Dense(self.dim, kernel_init=xavier_uniform, bias_init=torch_linear_bias_init(self.ffn_dim), name='linear2')(
       nn.relu(y)
     )
     return nn.LayerNorm(epsilon=1e-5, name=self.norm_name)(x + y)
@@ -112,7 +174,7 @@ class MultiheadAttention(nn.Module):
   def __call__(self, query, key, value, mask=None):
     d, h = self.dim, self.num_heads
     hd = d // h
-    proj = lambda name: nn.Dense(d, kernel_init=xavier_uniform, bias_init=zeros, name=name)  # noqa: E731
+    proj = lambda name: Dense(d, kernel_init=xavier_uniform, bias_init=zeros, name=name)  # noqa: E731
     q = proj('q_proj')(query).reshape(*query.shape[:-1], h, hd)  # (B, Lq, H, hd)
     k = proj('k_proj')(key).reshape(*key.shape[:-1], h, hd)
     v = proj('v_proj')(value).reshape(*value.shape[:-1], h, hd)
@@ -123,7 +185,7 @@ class MultiheadAttention(nn.Module):
       logits = jnp.where(blocked[:, None], -jnp.inf, logits)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhc->bqhc', attn, v).reshape(*query.shape[:-1], d)
-    return nn.Dense(d, kernel_init=torch_linear_kernel_init(), bias_init=zeros, name='out_proj')(out)
+    return Dense(d, kernel_init=torch_linear_kernel_init(), bias_init=zeros, name='out_proj')(out)
 
 
 def conv_padding(kernel: int):

@@ -30,6 +30,7 @@ from dimaskdino_jax.modeling.encoder import PixelDecoder, flatten_levels, resize
 from dimaskdino_jax.modeling.layers import (
   MLP,
   Conv,
+  Dense,
   c2_xavier_fill,
   conv_padding,
   torch_linear_bias_init,
@@ -80,14 +81,14 @@ class Predictor(nn.Module):
     model = self.cfg
     dim, num_classes = model.hidden_dim, model.num_classes
     decoder = model.decoder
-    self.enc_output = nn.Dense(dim, kernel_init=xavier_uniform, bias_init=torch_linear_bias_init(dim))
+    self.enc_output = Dense(dim, kernel_init=xavier_uniform, bias_init=torch_linear_bias_init(dim))
     self.enc_output_norm = nn.LayerNorm(epsilon=1e-5)
     if model.class_prior_prob > 0:  # focal-loss prior (not in the official code, which keeps torch's Linear init)
       prior = model.class_prior_prob
       bias_init = nn.initializers.constant(-math.log((1 - prior) / prior))
     else:
       bias_init = torch_linear_bias_init(dim)
-    self.class_embed = nn.Dense(
+    self.class_embed = Dense(
       num_classes, kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'), bias_init=bias_init
     )
     self.mask_embed = MLP(hidden_dim=dim, output_dim=dim, num_layers=3)
