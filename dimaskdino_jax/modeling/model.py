@@ -173,16 +173,26 @@ class Predictor(nn.Module):
     )
 
   # ------------------------------------------------------------------------------------------- shared heads
-  def heads(self, x, mask_features, with_masks=True):
+  def heads(self, x, mask_features, with_masks=True, split=None):
     """forward_prediction_heads: x (B, N, d), mask_features (B, Hm, Wm, d) -> logits (B, N, C) of decoder_norm(x),
     masks (B, N, Hm, Wm) = embeds . mask_features or None without masks, embeds (B, N, d) = mask_embed(
-    decoder_norm(x)) (None without masks)."""
+    decoder_norm(x)) (None without masks).
+
+    split S: masks is the pair (masks of x[:, :S], of x[:, S:]) as two products, so that a part nobody reads is
+    never computed (XLA drops it): the DN slots' masks in training, whose losses use the MaskFactors.
+    """
     normed = self.decoder_norm(x)
     logits = self.class_embed(normed)
     if not with_masks:
       return logits, None, None
     embeds = self.mask_embed(normed)
-    return logits, mask_logits(embeds, mask_features), embeds
+    if split is None:
+      return logits, mask_logits(embeds, mask_features), embeds
+    return (
+      logits,
+      (mask_logits(embeds[:, :split], mask_features), mask_logits(embeds[:, split:], mask_features)),
+      embeds,
+    )
 
   def query_pos(self, ref):
     """ref_point_head(gen_sineembed_for_position(ref)): ref (B, N, 4) sigmoid boxes -> (B, N, d)."""
@@ -381,12 +391,13 @@ class Predictor(nn.Module):
     model = self.cfg
     num_layers = model.decoder.num_layers
     num_dn = queries.num_slots
-    logits0, masks0, embeds0 = self.heads(queries.content, mask_features, with_masks=with_masks)
+    # masks: (DN slots, matching queries) pairs, stacked apart (see `heads`).
+    logits0, masks0, embeds0 = self.heads(queries.content, mask_features, with_masks=with_masks, split=num_dn)
     logits, boxes, masks, embeds = [logits0], [decoded.references[0]], [masks0], [embeds0]
     for layer_index in range(num_layers):
       last = layer_index == num_layers - 1
       layer_logits, layer_masks, layer_embeds = self.heads(
-        decoded.normed[layer_index], decoded.mask_features[layer_index], with_masks=with_masks or last
+        decoded.normed[layer_index], decoded.mask_features[layer_index], with_masks=with_masks or last, split=num_dn
       )
       logits.append(layer_logits)
       boxes.append(
@@ -395,10 +406,13 @@ class Predictor(nn.Module):
       masks.append(layer_masks)
       embeds.append(layer_embeds)
     logits, boxes = jnp.stack(logits), jnp.stack(boxes)  # (N, B, N_dn + Q, ...)
-    masks = jnp.stack(masks) if with_masks else masks[-1][None]
+    if not with_masks:
+      masks = masks[-1:]
+    elif not model.decoder.initial_pred:
+      masks = masks[1:]
+    dn_masks, masks = (jnp.stack([m[part] for m in masks]) for part in (0, 1))  # (N, B, N_dn / Q, Hm, Wm)
     if not model.decoder.initial_pred:
       logits, boxes = logits[1:], boxes[1:]
-      masks = masks[1:] if with_masks else masks
       embeds = embeds[1:]
     factors = None
     if with_masks:
@@ -410,10 +424,10 @@ class Predictor(nn.Module):
         index = index[1:]
       factors = MaskFactors(jnp.stack(embeds), None, jnp.stack(distinct), index, num_dn)
 
-    layers = HeadOutputs(logits[:, :, num_dn:], boxes[:, :, num_dn:], masks[:, :, num_dn:])
+    layers = HeadOutputs(logits[:, :, num_dn:], boxes[:, :, num_dn:], masks)
     dn = None
     if queries.info is not None:
-      dn = HeadOutputs(logits[:, :, :num_dn], boxes[:, :, :num_dn], masks[:, :, :num_dn])
+      dn = HeadOutputs(logits[:, :, :num_dn], boxes[:, :, :num_dn], dn_masks)
     return layers, dn, factors
 
 
