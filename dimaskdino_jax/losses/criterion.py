@@ -155,7 +155,8 @@ class MaskPairs(NamedTuple):
 def loss_point_uniforms(key, index, num_maps, loss_cfg):
   """The uniform values of the importance sampling at loop step `index` of `looped_mask_loss_sums`:
   (num_maps, num_uniform_draws, 2), the maps of every MaskPairs of the step in order, image-major within each."""
-  return jax.random.uniform(jax.random.fold_in(key, index), (num_maps, num_uniform_draws(loss_cfg), 2), jnp.float32)
+  shape = (num_maps, num_uniform_draws(loss_cfg), 2)
+  return point_sampling.hashed_uniform(jax.random.fold_in(key, index), shape)
 
 
 # The name of the selected loss points inside `looped_mask_loss_sums`' rematerialized body.

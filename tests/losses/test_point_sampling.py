@@ -114,3 +114,25 @@ def test_top_k_indices_are_the_index_set_of_lax_top_k_ties_included():
     np.testing.assert_array_equal(got, want)
     batched = np.asarray(jax.vmap(lambda x, k=k: point_sampling.top_k_indices(x, k))(v.reshape(rows, 1, n)))
     np.testing.assert_array_equal(batched[:, 0], want)
+
+
+def test_hashed_uniform_is_uniform_and_independent():
+  from scipy import stats
+
+  key = jax.random.key(7)
+  u = np.asarray(jax.jit(lambda k: point_sampling.hashed_uniform(k, (50, 4000, 2)))(key))  # 400,000 values
+  assert u.dtype == np.float32 and u.shape == (50, 4000, 2)
+  assert u.min() >= 0.0 and u.max() < 1.0
+  flat = u.reshape(-1)
+  assert stats.kstest(flat, 'uniform').pvalue > 1e-3
+  # Neighbours (x and y of one point; consecutive points) and another key's stream are uncorrelated:
+  # |r| < 0.01 is ~6 standard errors at these sizes.
+  other = np.asarray(point_sampling.hashed_uniform(jax.random.fold_in(key, 1), (50, 4000, 2))).reshape(-1)
+  for a, b in ((u[..., 0], u[..., 1]), (flat[:-1], flat[1:]), (flat, other)):
+    assert abs(np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1]) < 0.01
+  # Pairs fill the unit square evenly (a 10 x 10 grid, chi-square) and the key decides the stream.
+  counts = np.histogram2d(u[..., 0].reshape(-1), u[..., 1].reshape(-1), bins=10, range=[[0, 1], [0, 1]])[0]
+  assert stats.chisquare(counts.reshape(-1)).pvalue > 1e-3
+  again = np.asarray(point_sampling.hashed_uniform(key, (50, 4000, 2)))
+  np.testing.assert_array_equal(again, u)
+  assert np.mean(other == flat) < 1e-3
