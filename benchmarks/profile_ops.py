@@ -4,6 +4,7 @@ r"""Where the time of a jitted R50 inference or training step goes, by model sta
   python benchmarks/profile_ops.py --task train [--depth 3] [--json OUT]
   python benchmarks/profile_ops.py --task demo-train [--config configs/shapes.py] [--depth 3]
   python benchmarks/profile_ops.py --task official-infer --official PATH --detectron2 PATH [--runs 3]
+  python benchmarks/profile_ops.py --task official-train --official PATH --detectron2 PATH
 
 The same model, weights and inputs as benchmarks/vs_official.py (the official R50 COCO model drawn from
 tests/parity/fixture_io.FULL_SEED; inference: skimage's coffee at 800 x 1200 on an 800 x 1216 canvas; training: its
@@ -20,6 +21,10 @@ fake batch of the config's batch size and canvas (benchmarks/train_step.fake_bat
 --task official-infer times the official model's inference on the same image by its modules (forward hooks on the
 backbone, the pixel decoder and its deformable encoder, the transformer decoder; the rest of the call is the
 official pre- and post-processing), median of --runs after a warm-up, torch with all cores.
+
+--task official-train profiles one official training step (vs_official's: batch 2, 512 x 512, SetCriterion,
+backward, AdamW) after a warm-up step with torch.profiler, 2 threads as vs_official: the aten ops by self CPU
+time, and their sum by kind (matrix products, convolutions, grid_sample, the rest).
 """
 
 import argparse
@@ -177,22 +182,67 @@ def official_infer_stages(official, detectron2, runs):
   return out
 
 
+# aten op name prefixes -> kind, for the official training step's summary (first match wins).
+_ATEN_KINDS = (
+  ('matrix products', ('aten::mm', 'aten::bmm', 'aten::addmm', 'aten::linear')),
+  ('convolutions', ('aten::convolution_backward', 'aten::mkldnn_convolution', 'aten::_convolution')),
+  ('grid_sample (deformable attention, point sampling)', ('aten::grid_sampler',)),
+  ('top-k', ('aten::topk',)),
+)
+
+
+def official_train_ops(official, detectron2, threads=2):
+  """Self CPU ms of the aten ops of one official training step (after one warm-up step), and their kinds."""
+  import torch
+  import vs_official as vo
+  from torch.profiler import ProfilerActivity, profile
+
+  args = argparse.Namespace(official=official, detectron2=detectron2, threads=threads, device='cpu')
+  step = vo.official_train_step(args)
+  step()
+  t0 = time.perf_counter()
+  with profile(activities=[ProfilerActivity.CPU]) as prof:
+    step()
+  wall = time.perf_counter() - t0
+  ops = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+  kinds = collections.defaultdict(float)
+  for name, ms in ops.items():
+    kind = next((k for k, prefixes in _ATEN_KINDS if name.startswith(prefixes)), 'the rest (elementwise, copies, ...)')
+    kinds[kind] += ms
+  total = sum(ops.values())
+  print(
+    f'official training step (torch {torch.__version__}, {torch.get_num_threads()} threads): profiled call '
+    f'{wall:.2f} s wall, {total / 1e3:.2f} s self CPU time of aten ops\n| kind | ms | share |\n|---|---|---|'
+  )
+  for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+    print(f'| {kind} | {ms:.0f} | {100 * ms / total:.1f} % |')
+  print('\nmost expensive aten ops (self CPU ms):')
+  for name, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:15]:
+    print(f'  {ms:8.0f} ms {name}')
+  return {'wall_s': wall, 'kinds_ms': dict(kinds), 'ops_ms': ops}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--task', choices=('infer', 'train', 'demo-train', 'official-infer'), default='infer')
-  parser.add_argument('--official', default='', help='DI-MaskDINO checkout (--task official-infer)')
-  parser.add_argument('--detectron2', default='', help='detectron2 checkout (--task official-infer)')
+  parser.add_argument(
+    '--task', choices=('infer', 'train', 'demo-train', 'official-infer', 'official-train'), default='infer'
+  )
+  parser.add_argument('--official', default='', help='DI-MaskDINO checkout (--task official-*)')
+  parser.add_argument('--detectron2', default='', help='detectron2 checkout (--task official-*)')
   parser.add_argument('--runs', type=int, default=3, help='timed runs (--task official-infer)')
   parser.add_argument('--canvas', type=int, nargs=2, default=(800, 1216))
   parser.add_argument('--depth', type=int, default=3, help='model path components per stage')
   parser.add_argument('--config', default='configs/shapes.py', help='config file (--task demo-train)')
   parser.add_argument('--json', default='')
   opts = parser.parse_args(argv)
-  if opts.task == 'official-infer':
-    result = official_infer_stages(opts.official, opts.detectron2, opts.runs)
+  if opts.task in ('official-infer', 'official-train'):
+    if opts.task == 'official-infer':
+      result = {'stages_ms': official_infer_stages(opts.official, opts.detectron2, opts.runs)}
+    else:
+      result = official_train_ops(opts.official, opts.detectron2)
     if opts.json:
       with open(opts.json, 'w') as f:
-        json.dump({'task': opts.task, 'stages_ms': result}, f, indent=1)
+        json.dump({'task': opts.task, **result}, f, indent=1)
     return
 
   if opts.task == 'infer':

@@ -165,7 +165,9 @@ def worker_official_infer(args):
   return res
 
 
-def worker_official_train(args):
+def official_train_step(args):
+  """A closure running one official training step (forward, SetCriterion, backward, clip, AdamW) on the training
+  inputs: () -> (weighted loss, number of weighted loss terms)."""
   import torch
 
   from tests.parity.fixture_io import FULL
@@ -194,9 +196,8 @@ def worker_official_train(args):
     }
     for t in targets
   ]
-  times, losses, cpu = [], [], []
-  for _ in range(args.runs + 1):
-    t0, c0 = time.perf_counter(), time.process_time()
+
+  def step():
     features = model.backbone(x)
     outputs, mask_dict = model.sem_seg_head(features, targets=tg)
     terms = criterion(outputs, tg, mask_dict)
@@ -205,13 +206,27 @@ def worker_official_train(args):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
     opt.step()
-    losses.append(float(loss))
+    return float(loss), len([k for k in terms if k in weights])
+
+  return step
+
+
+def worker_official_train(args):
+  import torch
+
+  step = official_train_step(args)
+  dev = args.device
+  times, losses, cpu = [], [], []
+  for _ in range(args.runs + 1):
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss, num_terms = step()
+    losses.append(loss)
     _sync(dev)
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
   res = dict(ms=1e3 * float(np.median(times[1:])), runs_ms=[round(1e3 * t, 1) for t in times], first_s=times[0])
   res['cpu_ms'] = 1e3 * float(np.median(cpu[1:]))
-  res['loss_terms'] = len([k for k in terms if k in weights])
+  res['loss_terms'] = num_terms
   res['losses'] = [round(v, 2) for v in losses]
   if dev == 'cuda':
     res['peak_device_mib'] = torch.cuda.max_memory_allocated() / 2**20
