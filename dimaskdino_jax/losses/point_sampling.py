@@ -17,6 +17,16 @@ import numpy as np
 from kernels.per_shard import per_shard
 
 
+def _pixel_taps(points, h, w):
+  """points (..., P, 2) (x, y) in [0, 1] of an (h, w) map -> the top-left tap (x0, y0) int32 and the fractions
+  (fx, fy) float32 of the bilinear weights, each (..., P) (align_corners=False: pixel coordinate x * W - 0.5)."""
+  x = points[..., 0] * w - 0.5
+  y = points[..., 1] * h - 0.5
+  x0 = jnp.floor(x)
+  y0 = jnp.floor(y)
+  return x0.astype(jnp.int32), y0.astype(jnp.int32), x - x0, y - y0
+
+
 def point_sample(maps, points):
   """Bilinear samples of maps at normalized points, with zero padding outside the map.
 
@@ -30,14 +40,7 @@ def point_sample(maps, points):
   h, w = maps.shape[-2:]
   lead_m, lead_p = maps.shape[:-2], points.shape[:-2]
   flat = maps.reshape(*lead_m, h * w)
-  x = points[..., 0] * w - 0.5  # (..., P) pixel coordinates, align_corners=False
-  y = points[..., 1] * h - 0.5
-  x0 = jnp.floor(x)
-  y0 = jnp.floor(y)
-  fx = x - x0
-  fy = y - y0
-  x0 = x0.astype(jnp.int32)
-  y0 = y0.astype(jnp.int32)
+  x0, y0, fx, fy = _pixel_taps(points, h, w)
   xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], axis=-1)  # (..., P, 4) the four taps
   ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], axis=-1)
   wts = jnp.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=-1)
@@ -76,14 +79,9 @@ def point_sample_no_grad(maps, points):
   lead_m, lead_p = maps.shape[:-2], points.shape[:-2]
   stride = w + 2  # row length of the padded map
   padded = jnp.pad(maps, [(0, 0)] * len(lead_m) + [(1, 1), (1, 1)]).reshape(*lead_m, (h + 2) * stride)
-  x = points[..., 0] * w - 0.5  # (..., P) pixel coordinates, align_corners=False
-  y = points[..., 1] * h - 0.5
-  x0 = jnp.floor(x)
-  y0 = jnp.floor(y)
-  fx = x - x0
-  fy = y - y0
+  x0, y0, fx, fy = _pixel_taps(points, h, w)
   # The top-left tap in the padded map: x0, y0 in [-1, W - 1] / [-1, H - 1] -> padded row / column + 1.
-  top_left = (y0.astype(jnp.int32) + 1) * stride + (x0.astype(jnp.int32) + 1)  # (..., P)
+  top_left = (y0 + 1) * stride + (x0 + 1)  # (..., P)
   if not lead_p:  # shared points
 
     def tap(offset):

@@ -84,35 +84,26 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 class Dense(nn.Module):
   """`nn.Dense` (same parameters: names, shapes, initializers, creation order; the same forward) with `dense`'s
-  gradient."""
+  gradient. `bias_apart`: return `(x @ kernel, bias)` with the bias not added, for a consumer that adds it itself
+  (the deformable attention's value: kernels/ms_deform_attn/xla.py says why)."""
 
   features: int
   kernel_init: nn.initializers.Initializer = xavier_uniform
   bias_init: nn.initializers.Initializer = zeros
+  bias_apart: bool = False
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
     bias = self.param('bias', self.bias_init, (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    if self.bias_apart:
+      return dense(x, kernel, None), bias
     return dense(x, kernel, bias)
 
 
-class DenseBiasApart(nn.Module):
-  """`nn.Dense` (same parameters: names, shapes, initializers, creation order) returning `(x @ kernel, bias)` with
-  the bias not added, for a consumer that adds it itself (the deformable attention's value: kernels/ms_deform_attn/
-  xla.py says why)."""
-
-  features: int
-  kernel_init: nn.initializers.Initializer = xavier_uniform
-  bias_init: nn.initializers.Initializer = zeros
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
-    bias = self.param('bias', self.bias_init, (self.features,))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-    return dense(x, kernel, None), bias
+# The value projection of the deformable attention: (x @ kernel, bias).
+DenseBiasApart = functools.partial(Dense, bias_apart=True)
 
 
 class MLP(nn.Module):
