@@ -55,7 +55,7 @@ def dense(x, kernel, bias):
 
 
 def _dense_fwd(x, kernel, bias):
-  return dense(x, kernel, bias), (x, kernel, None if bias is None else jnp.zeros((0,), bias.dtype))
+  return dense(x, kernel, bias), (x, kernel, bias)
 
 
 def _dense_grads_by_products(x, kernel, dy):
@@ -74,9 +74,9 @@ def _dense_grads_by_autodiff(x, kernel, dy):
 
 
 def _dense_bwd(residuals, dy):
-  x, kernel, bias_dtype = residuals
+  x, kernel, bias = residuals
   dx, dw, db = jax.lax.platform_dependent(x, kernel, dy, cpu=_dense_grads_by_products, default=_dense_grads_by_autodiff)
-  return dx, dw.astype(kernel.dtype), None if bias_dtype is None else db.astype(bias_dtype.dtype)
+  return dx, dw.astype(kernel.dtype), None if bias is None else db.astype(bias.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
