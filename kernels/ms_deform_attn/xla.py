@@ -170,7 +170,9 @@ def value_grad(shape, loc, attn, gout, spatial_shapes, level_start_index, chunk_
       out.append(acc.at[idx].add(upd, mode='promise_in_bounds'))
     return tuple(out), None
 
-  zeros = tuple(jnp.zeros((sub[0] * s * sub[2], d), jnp.float32) for _ in groups)
+  # zeros_like: inside a shard_map (kernels/per_shard.py, one shard per device) the scanned inputs vary over the
+  # mesh's data axis, and so must the carry (scan checks that its carry keeps its type); outside, plain zeros.
+  zeros = tuple(jnp.zeros_like(gout, shape=(sub[0] * s * sub[2], d)) for _ in groups)
   accs, _ = jax.lax.scan(body, zeros, (chunked(loc), chunked(attn), chunked(gout)))
   return jnp.concatenate([a.reshape(sub) for a in accs], axis=axis or 0)
 
@@ -242,8 +244,15 @@ def ms_deform_attn_xla(
   sampling_locations = jnp.asarray(sampling_locations)
   attention_weights = jnp.asarray(attention_weights)
   m, d = value.shape[2:]
-  # No bias: zeros, a constant whose add XLA removes (the same program as without the argument).
-  bias = jnp.zeros((m, d), value.dtype) if value_bias is None else jnp.asarray(value_bias)
+  # No bias: zeros, a constant whose add XLA removes (the same program as without the argument). zeros_like(value):
+  # inside a shard_map (kernels/per_shard.py) the bias, replicated, is made to vary like the value before the
+  # custom VJP, whose backward returns a per-shard bias gradient; autodiff then sums it over the shards (the
+  # transpose of that cast), as it does for any replicated operand.
+  if value_bias is None:
+    bias = jnp.zeros_like(value, shape=(m, d))
+  else:
+    bias = jnp.asarray(value_bias)
+    bias = bias + jnp.zeros_like(value, shape=(m, d), dtype=bias.dtype)
   out = _msda(value, bias, sampling_locations, attention_weights, spatial_shapes, level_start_index, chunk_bytes)
   # out: (N, Lq, M, D)
   # Heads concatenated in order = out.reshape(N, Lq, M * D). Written as a concatenation of per-head slices

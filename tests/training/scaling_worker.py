@@ -83,6 +83,40 @@ def losses(workdir):  # the training records (evaluation records have no 'loss')
   return {int(r['step']): float(r['loss']) for r in read_metrics(workdir) if 'loss' in r}
 
 
+def msda_grads_on_mesh():
+  """Largest difference between the gradients (value, locations, weights, value bias) of the 'xla' deformable
+  attention with the CPU's chunked value gradient (a scan) run per shard on a data mesh of 8 devices and run
+  unsharded. The R50 config takes this path on CPUs (the tiny model takes 'dense'); under the mesh the scan's carry
+  and the replicated bias's gradient must vary over the shards (kernels/ms_deform_attn/xla.py)."""
+  import jax.numpy as jnp
+
+  import kernels.ms_deform_attn as msda
+  from tests.kernels.test_ms_deform_attn import SHAPES, make_inputs
+
+  value, loc, attn = make_inputs(7, n=8, lq=41, m=4, d=3, p=2)
+  bias = np.random.default_rng(8).normal(size=(4, 3)).astype(np.float32)
+  cot = np.random.default_rng(9).normal(size=(8, 41, 12)).astype(np.float32)
+  starts = (0, 35, 47)
+  msda.CHUNK_BYTES, chunk_bytes = 4 * 2 * 4 * len(SHAPES) * 2 * 3 * 4, msda.CHUNK_BYTES  # 4 queries per chunk
+
+  def grads(*args):
+    f = lambda v, lc, a, b: msda.ms_deform_attn(v, SHAPES, starts, lc, a, impl='xla', value_bias=b)  # noqa: E731
+    return jax.vjp(f, *args)[1](jnp.asarray(cot))
+
+  try:
+    plain = jax.jit(grads)(value, loc, attn, bias)
+    mesh = sharding.make_mesh()  # all 8 devices on the data axis
+    with jax.set_mesh(mesh):
+      text = jax.jit(grads).lower(value, loc, attn, bias).as_text()
+      sharded = jax.jit(grads)(value, loc, attn, bias)
+  finally:
+    msda.CHUNK_BYTES = chunk_bytes
+  assert 'shard_map' in text or 'manual' in text, 'the op did not run per shard'
+  return [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(plain, sharded)] + [
+    float(np.max(np.abs(np.asarray(a)))) for a in plain
+  ]
+
+
 def run_devices(data_dir, out):
   from dimaskdino_jax.losses import matcher
   from dimaskdino_jax.training.trainer import train
@@ -124,6 +158,8 @@ def run_devices(data_dir, out):
       state = train(config_for(data_dir, 3, n), wd, verbose=False)
     result[f'resumed_on_{n}'] = losses(wd)
     result[f'resumed_on_{n}_devices'] = len(jax.tree.leaves(state['params'])[0].sharding.device_set)
+  with phase('deformable attention gradients per shard'):
+    result['msda_mesh'] = msda_grads_on_mesh()
   result['timings'] = TIMINGS
   with open(os.path.join(out, 'result.json'), 'w') as f:
     json.dump(result, f)

@@ -207,6 +207,15 @@ def test_matching_callback_sees_only_its_shard(runs):
   assert runs['rows_1'] == [8]
 
 
+def test_chunked_deformable_attention_gradients_per_shard(runs):
+  # The R50 config's CPU path ('xla', value gradient chunked by a scan, value bias apart) under a data mesh of 8:
+  # it failed to trace before (a scan carry and a bias gradient that did not vary over the shards); now each
+  # gradient equals the unsharded one to float32 rounding (the bias's sums over the batch change order).
+  diffs, scales = runs['msda_mesh'][:4], runs['msda_mesh'][4:]
+  for name, diff, scale in zip(('value', 'locations', 'weights', 'bias'), diffs, scales):
+    assert diff <= 1e-6 * scale + 1e-7, f'grad {name}: {diff} (largest entry {scale})'
+
+
 def test_checkpoint_from_8_devices_resumes_on_1_and_4(runs):
   ref = _steps(runs['continued_d8'])
   assert sorted(ref) == [1, 2, 3]
