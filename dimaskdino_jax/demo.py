@@ -20,10 +20,49 @@ os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-redu
 def split_cpu(num_devices: int) -> None:
   """Present the CPU to XLA as `num_devices` host devices (before jax starts), so the trainer's data-parallel step
   runs one shard per device: on the 2-core development CPU one device keeps ~1.6 cores busy and two devices in one
-  process took 208 ms per step of 8 against 225-240 ms (BENCHMARKS.md). A device count already in XLA_FLAGS wins."""
+  process took 208 ms per step of 8 against 225-240 ms (BENCHMARKS.md). A device count already in XLA_FLAGS wins.
+  With as many devices as cores, host callbacks of more than ~100 KiB can deadlock in jax 0.10.2 (the R50 config's
+  point-loss top-k does; the demo's config stays below): docs/jax_notes.md, "Several host devices on a CPU"."""
   flags = os.environ.get('XLA_FLAGS', '')
   if num_devices > 1 and 'xla_force_host_platform_device_count' not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={num_devices}'.strip()
+
+
+# Host-callback input per device below which two host devices on two cores were measured safe (docs/jax_notes.md).
+CALLBACK_SAFE_BYTES = 64 << 10
+
+
+def host_callback_bytes(config, devices: int) -> int:
+  """Upper estimate of the largest host-callback input (bytes) one device hands to NumPy in a training step: the
+  Hungarian matching's stacked costs (layers x images x queries x GT) and, with sampled mask points, the point
+  losses' top-k rows (matched masks x oversampled candidates)."""
+  m, g = config.model, int(config.data.max_instances)
+  images = max(1, int(config.train.batch_size) // max(1, devices))
+  layers = int(m.decoder.num_layers) + 4  # the decoder layers' and the other matched sets (7 for configs/shapes.py)
+  di, dn = m.get('di') or {}, m.get('dn') or {}
+  queries = max([int(m.decoder.num_queries), *(int(k) for k in di.get('selection_ks', ()))])
+  costs = layers * images * queries * g * 4
+  points = int(config.loss.get('num_points', 0))
+  top_k = 0
+  if points > 0:
+    rows = images * (g + int(dn.get('num', 0))) * layers
+    top_k = rows * int(points * float(config.loss.get('oversample_ratio', 1.0))) * 4
+  return max(costs, top_k)
+
+
+def cpu_devices_for(config, requested: int, cpu_count: int) -> tuple[int, str | None]:
+  """(host devices to use, why fewer than requested or None): one device when every core would run a device and
+  a host callback's input would exceed CALLBACK_SAFE_BYTES, where jax 0.10.2 can deadlock."""
+  if requested <= 1 or requested < cpu_count:
+    return requested, None
+  size = host_callback_bytes(config, requested)
+  if size <= CALLBACK_SAFE_BYTES:
+    return requested, None
+  return 1, (
+    f'one host device instead of {requested}: this config hands ~{size >> 10} KiB to a host callback per device, '
+    f'and with as many devices as the {cpu_count} cores that can deadlock (docs/jax_notes.md); '
+    '--cpu-devices or XLA_FLAGS set the count'
+  )
 
 
 def parse_args(argv=None):
@@ -39,10 +78,14 @@ def parse_args(argv=None):
   parser.add_argument(
     '--cpu-devices',
     type=int,
-    default=min(2, os.cpu_count() or 1),
-    help='XLA host devices on a CPU (data parallel across them; default: min(2, CPU count))',
+    default=None,
+    help='XLA host devices on a CPU (data parallel across them; default: min(2, CPU count), or 1 where the '
+    "config's host callbacks are too large for that: cpu_devices_for)",
   )
   args, config = parse_config_overrides(parser, sys.argv[1:] if argv is None else argv)
+  args.cpu_devices_given = args.cpu_devices is not None
+  if args.cpu_devices is None:
+    args.cpu_devices = min(2, os.cpu_count() or 1)
   if args.steps:
     set_num_steps(config, args.steps)  # after the overrides: the lr drops given there move with the steps
     validate(config, source=args.config)
@@ -51,7 +94,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args, config = parse_args(argv)
-  split_cpu(args.cpu_devices)
+  devices, why = args.cpu_devices, None
+  if not args.cpu_devices_given:
+    devices, why = cpu_devices_for(config, args.cpu_devices, os.cpu_count() or 1)
+  if why:
+    print(f'demo: {why}')
+  split_cpu(devices)
 
   from absl import logging as absl_logging
 

@@ -47,3 +47,24 @@ def test_demo_flags_apply_config_overrides_then_steps(capsys):
   with pytest.raises(SystemExit):
     parse_args(['--config.optim.no_such_field=1'])
   assert 'optim.no_such_field' in capsys.readouterr().err  # the error names the field
+
+
+def test_two_host_devices_only_where_host_callbacks_are_small():
+  # Two host devices on two cores deadlock in jax 0.10.2 when a host callback's input exceeds ~100 KiB
+  # (docs/jax_notes.md). The demo's config stays below CALLBACK_SAFE_BYTES and keeps two devices; the R50 config
+  # (point losses with a host top-k over 37,632 candidates per mask) gets one on two cores, two on four.
+  from dimaskdino_jax.demo import CALLBACK_SAFE_BYTES, cpu_devices_for, host_callback_bytes
+
+  shapes = load_config('configs/shapes.py')
+  # 7 matched sets x 4 images per device x 60 queries x 8 GT x 4 bytes: the matching costs (the stacked array the
+  # callback receives, (7, 8, 60, 8) float32 for the batch of 8 on one device, printed 2026-12-07); no top-k.
+  assert host_callback_bytes(shapes, 2) == 7 * 4 * 60 * 8 * 4 <= CALLBACK_SAFE_BYTES
+  assert cpu_devices_for(shapes, 2, 2) == (2, None)
+  r50 = load_config('configs/dimaskdino_r50_coco.py')
+  assert host_callback_bytes(r50, 2) > 100 * CALLBACK_SAFE_BYTES
+  devices, why = cpu_devices_for(r50, 2, 2)
+  assert devices == 1 and 'deadlock' in why and 'docs/jax_notes.md' in why
+  assert cpu_devices_for(r50, 2, 4) == (2, None)  # more cores than devices: a free pool thread
+  assert cpu_devices_for(r50, 1, 2) == (1, None)
+  shapes.data.max_instances = 100  # larger GT sets make the matching costs too large as well
+  assert cpu_devices_for(shapes, 2, 2)[0] == 1
