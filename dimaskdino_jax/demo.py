@@ -28,31 +28,11 @@ def split_cpu(num_devices: int) -> None:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={num_devices}'.strip()
 
 
-# Host-callback input per device below which two host devices on two cores were measured safe (docs/jax_notes.md).
-CALLBACK_SAFE_BYTES = 64 << 10
-
-
-def host_callback_bytes(config, devices: int) -> int:
-  """Upper estimate of the largest host-callback input (bytes) one device hands to NumPy in a training step: the
-  Hungarian matching's stacked costs (layers x images x queries x GT) and, with sampled mask points, the point
-  losses' top-k rows (matched masks x oversampled candidates)."""
-  m, g = config.model, int(config.data.max_instances)
-  images = max(1, int(config.train.batch_size) // max(1, devices))
-  layers = int(m.decoder.num_layers) + 4  # the decoder layers' and the other matched sets (7 for configs/shapes.py)
-  di, dn = m.get('di') or {}, m.get('dn') or {}
-  queries = max([int(m.decoder.num_queries), *(int(k) for k in di.get('selection_ks', ()))])
-  costs = layers * images * queries * g * 4
-  points = int(config.loss.get('num_points', 0))
-  top_k = 0
-  if points > 0:
-    rows = images * (g + int(dn.get('num', 0))) * layers
-    top_k = rows * int(points * float(config.loss.get('oversample_ratio', 1.0))) * 4
-  return max(costs, top_k)
-
-
 def cpu_devices_for(config, requested: int, cpu_count: int) -> tuple[int, str | None]:
   """(host devices to use, why fewer than requested or None): one device when every core would run a device and
-  a host callback's input would exceed CALLBACK_SAFE_BYTES, where jax 0.10.2 can deadlock."""
+  a host callback's input would exceed sharding.CALLBACK_SAFE_BYTES, where jax 0.10.2 can deadlock."""
+  from dimaskdino_jax.training.sharding import CALLBACK_SAFE_BYTES, host_callback_bytes  # jax imported, not started
+
   if requested <= 1 or requested < cpu_count:
     return requested, None
   size = host_callback_bytes(config, requested)

@@ -53,7 +53,8 @@ def test_two_host_devices_only_where_host_callbacks_are_small():
   # Two host devices on two cores deadlock in jax 0.10.2 when a host callback's input exceeds ~100 KiB
   # (docs/jax_notes.md). The demo's config stays below CALLBACK_SAFE_BYTES and keeps two devices; the R50 config
   # (point losses with a host top-k over 37,632 candidates per mask) gets one on two cores, two on four.
-  from dimaskdino_jax.demo import CALLBACK_SAFE_BYTES, cpu_devices_for, host_callback_bytes
+  from dimaskdino_jax.demo import cpu_devices_for
+  from dimaskdino_jax.training.sharding import CALLBACK_SAFE_BYTES, host_callback_bytes
 
   shapes = load_config('configs/shapes.py')
   # 7 matched sets x 4 images per device x 60 queries x 8 GT x 4 bytes: the matching costs (the stacked array the
@@ -68,3 +69,26 @@ def test_two_host_devices_only_where_host_callbacks_are_small():
   assert cpu_devices_for(r50, 1, 2) == (1, None)
   shapes.data.max_instances = 100  # larger GT sets make the matching costs too large as well
   assert cpu_devices_for(shapes, 2, 2)[0] == 1
+
+
+def test_the_trainer_warns_where_host_callbacks_may_deadlock():
+  # sharding.callback_deadlock_warning on a stand-in mesh (the test process has one CPU device): two CPU devices of
+  # this process on two cores warn for the R50 config, not for the shapes config, not on four cores, not on a GPU.
+  from types import SimpleNamespace
+
+  import jax
+  import numpy as np
+
+  from dimaskdino_jax.training.sharding import callback_deadlock_warning
+
+  def mesh(platform, n=2):
+    devices = [SimpleNamespace(process_index=jax.process_index(), platform=platform) for _ in range(n)]
+    return SimpleNamespace(devices=np.array(devices, dtype=object), shape={'data': n, 'model': 1})
+
+  r50, shapes = load_config('configs/dimaskdino_r50_coco.py'), load_config('configs/shapes.py')
+  text = callback_deadlock_warning(r50, mesh('cpu'), cpu_count=2)
+  assert text and 'deadlock' in text and 'docs/jax_notes.md' in text
+  assert callback_deadlock_warning(shapes, mesh('cpu'), cpu_count=2) is None
+  assert callback_deadlock_warning(r50, mesh('cpu'), cpu_count=4) is None
+  assert callback_deadlock_warning(r50, mesh('gpu'), cpu_count=2) is None
+  assert callback_deadlock_warning(r50, mesh('cpu', 1), cpu_count=1) is None

@@ -32,6 +32,46 @@ MODEL = 'model'
 AXES = (DATA, MODEL)
 
 
+# Host-callback input per device below which as many host devices as cores ran without the deadlock of jax 0.10.2's
+# pure_callback (docs/jax_notes.md, "Several host devices on a CPU": ~80 KB passed, ~120 KB and more hung).
+CALLBACK_SAFE_BYTES = 64 << 10
+
+
+def host_callback_bytes(config, devices: int) -> int:
+  """Upper estimate of the largest host-callback input (bytes) one of `devices` data shards hands to NumPy in a
+  training step: the Hungarian matching's stacked costs (matched sets x images x queries x GT) and, with sampled
+  mask points, the point losses' top-k rows (masks x oversampled candidates)."""
+  m, g = config.model, int(config.data.max_instances)
+  images = max(1, int(config.train.batch_size) // max(1, devices))
+  di, dn = m.get('di') or {}, m.get('dn') or {}
+  sets = int(m.decoder.num_layers) + 4  # the decoder layers' and the other matched sets (7 for configs/shapes.py)
+  queries = max([int(m.decoder.num_queries), *(int(k) for k in di.get('selection_ks', ()))])
+  costs = sets * images * queries * g * 4
+  points = int(config.loss.get('num_points', 0))
+  top_k = 0
+  if points > 0:
+    rows = images * (g + int(dn.get('num', 0))) * sets
+    top_k = rows * int(points * float(config.loss.get('oversample_ratio', 1.0))) * 4
+  return max(costs, top_k)
+
+
+def callback_deadlock_warning(config, mesh: Mesh, cpu_count: int | None = None) -> str | None:
+  """A warning when this process runs the step on as many CPU devices as it has cores and a host callback's
+  input may exceed CALLBACK_SAFE_BYTES (jax 0.10.2 can then hang in the first step); None otherwise."""
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  cpu_count = (os.cpu_count() or 1) if cpu_count is None else cpu_count
+  if len(local) < 2 or local[0].platform != 'cpu' or len(local) < cpu_count:
+    return None
+  size = host_callback_bytes(config, int(mesh.shape[DATA]))
+  if size <= CALLBACK_SAFE_BYTES:
+    return None
+  return (
+    f'{len(local)} CPU devices on {cpu_count} cores with ~{size >> 10} KiB of host-callback input per device: '
+    "jax 0.10.2's pure_callback can deadlock here (docs/jax_notes.md, 'Several host devices on a CPU'); use "
+    'fewer host devices than cores (--xla_force_host_platform_device_count) or one per process'
+  )
+
+
 class MeshError(ValueError):
   """A mesh / batch size that cannot work on these devices; the message names the config field."""
 

@@ -306,6 +306,9 @@ def prepare_run(config, workdir, data_iterator=None) -> RunSetup:
   check_workdir(workdir)
   mesh = sharding.make_mesh(config)
   local_batch = sharding.check_batch(config, mesh)
+  risk = sharding.callback_deadlock_warning(config, mesh)
+  if risk:
+    log.warning(risk)
   if jax.process_index() == 0:
     ensure_shapes_dataset(config)
   if jax.process_count() > 1:  # the others wait for process 0 to write the synthetic dataset
