@@ -31,7 +31,11 @@ def split_cpu(num_devices: int) -> None:
 def cpu_devices_for(config, requested: int, cpu_count: int) -> tuple[int, str | None]:
   """(host devices to use, why fewer than requested or None): one device when every core would run a device and
   a host callback's input would exceed sharding.CALLBACK_SAFE_BYTES, where jax 0.10.2 can deadlock."""
-  from dimaskdino_jax.training.sharding import CALLBACK_SAFE_BYTES, host_callback_bytes  # jax imported, not started
+  from dimaskdino_jax.training.sharding import (  # jax imported, not started
+    CALLBACK_SAFE_BYTES,
+    format_bytes,
+    host_callback_bytes,
+  )
 
   if requested <= 1 or requested < cpu_count:
     return requested, None
@@ -39,7 +43,7 @@ def cpu_devices_for(config, requested: int, cpu_count: int) -> tuple[int, str | 
   if size <= CALLBACK_SAFE_BYTES:
     return requested, None
   return 1, (
-    f'one host device instead of {requested}: this config hands ~{size >> 10} KiB to a host callback per device, '
+    f'one host device instead of {requested}: this config hands ~{format_bytes(size)} to a host callback per device, '
     f'and with as many devices as the {cpu_count} cores that can deadlock (docs/jax_notes.md); '
     '--cpu-devices or XLA_FLAGS set the count'
   )

@@ -55,6 +55,14 @@ def host_callback_bytes(config, devices: int) -> int:
   return max(costs, top_k)
 
 
+def format_bytes(n: int) -> str:
+  """'54 KiB', '2.2 GiB': a byte count for messages."""
+  for unit, shift in (('GiB', 30), ('MiB', 20)):
+    if n >= 1 << shift:
+      return f'{n / (1 << shift):.1f} {unit}'
+  return f'{n >> 10} KiB'
+
+
 def callback_deadlock_warning(config, mesh: Mesh, cpu_count: int | None = None) -> str | None:
   """A warning when this process runs the step on as many CPU devices as it has cores and a host callback's
   input may exceed CALLBACK_SAFE_BYTES (jax 0.10.2 can then hang in the first step); None otherwise."""
@@ -66,7 +74,7 @@ def callback_deadlock_warning(config, mesh: Mesh, cpu_count: int | None = None) 
   if size <= CALLBACK_SAFE_BYTES:
     return None
   return (
-    f'{len(local)} CPU devices on {cpu_count} cores with ~{size >> 10} KiB of host-callback input per device: '
+    f'{len(local)} CPU devices on {cpu_count} cores with ~{format_bytes(size)} of host-callback input per device: '
     "jax 0.10.2's pure_callback can deadlock here (docs/jax_notes.md, 'Several host devices on a CPU'); use "
     'fewer host devices than cores (--xla_force_host_platform_device_count) or one per process'
   )
