@@ -29,18 +29,13 @@ def split_cpu(num_devices: int) -> None:
 
 
 def cpu_devices_for(config, requested: int, cpu_count: int) -> tuple[int, str | None]:
-  """(host devices to use, why fewer than requested or None): one device when every core would run a device and
-  a host callback's input would exceed sharding.CALLBACK_SAFE_BYTES, where jax 0.10.2 can deadlock."""
-  from dimaskdino_jax.training.sharding import (  # jax imported, not started
-    CALLBACK_SAFE_BYTES,
-    format_bytes,
-    host_callback_bytes,
-  )
+  """(host devices to use, why fewer than requested or None): one device where `requested` devices would leave no
+  core to spare and the config's host callbacks are large enough to deadlock jax 0.10.2
+  (sharding.deadlock_prone_callback_bytes)."""
+  from dimaskdino_jax.training.sharding import deadlock_prone_callback_bytes, format_bytes  # jax not started yet
 
-  if requested <= 1 or requested < cpu_count:
-    return requested, None
-  size = host_callback_bytes(config, requested)
-  if size <= CALLBACK_SAFE_BYTES:
+  size = deadlock_prone_callback_bytes(config, requested, cpu_count)
+  if size is None:
     return requested, None
   return 1, (
     f'one host device instead of {requested}: this config hands ~{format_bytes(size)} to a host callback per device, '
@@ -67,9 +62,6 @@ def parse_args(argv=None):
     "config's host callbacks are too large for that: cpu_devices_for)",
   )
   args, config = parse_config_overrides(parser, sys.argv[1:] if argv is None else argv)
-  args.cpu_devices_given = args.cpu_devices is not None
-  if args.cpu_devices is None:
-    args.cpu_devices = min(2, os.cpu_count() or 1)
   if args.steps:
     set_num_steps(config, args.steps)  # after the overrides: the lr drops given there move with the steps
     validate(config, source=args.config)
@@ -79,8 +71,9 @@ def parse_args(argv=None):
 def main(argv=None):
   args, config = parse_args(argv)
   devices, why = args.cpu_devices, None
-  if not args.cpu_devices_given:
-    devices, why = cpu_devices_for(config, args.cpu_devices, os.cpu_count() or 1)
+  if devices is None:  # not given: two where that is safe
+    cpus = os.cpu_count() or 1
+    devices, why = cpu_devices_for(config, min(2, cpus), cpus)
   if why:
     print(f'demo: {why}')
   split_cpu(devices)

@@ -63,15 +63,25 @@ def format_bytes(n: int) -> str:
   return f'{n >> 10} KiB'
 
 
+def deadlock_prone_callback_bytes(config, devices: int, cpu_count: int, shards: int | None = None) -> int | None:
+  """The estimated host-callback input per device (host_callback_bytes, the batch split in `shards`, default
+  `devices`) when `devices` CPU devices of one process on `cpu_count` cores may deadlock jax 0.10.2: at least two
+  devices, no core to spare, more than CALLBACK_SAFE_BYTES. Else None."""
+  if devices < 2 or devices < cpu_count:
+    return None
+  size = host_callback_bytes(config, devices if shards is None else shards)
+  return size if size > CALLBACK_SAFE_BYTES else None
+
+
 def callback_deadlock_warning(config, mesh: Mesh, cpu_count: int | None = None) -> str | None:
-  """A warning when this process runs the step on as many CPU devices as it has cores and a host callback's
-  input may exceed CALLBACK_SAFE_BYTES (jax 0.10.2 can then hang in the first step); None otherwise."""
+  """A warning when this process runs the step on CPU devices whose host callbacks may deadlock
+  (`deadlock_prone_callback_bytes`; jax 0.10.2 then hangs in the first step); None otherwise."""
   local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   cpu_count = (os.cpu_count() or 1) if cpu_count is None else cpu_count
-  if len(local) < 2 or local[0].platform != 'cpu' or len(local) < cpu_count:
+  if not local or local[0].platform != 'cpu':
     return None
-  size = host_callback_bytes(config, int(mesh.shape[DATA]))
-  if size <= CALLBACK_SAFE_BYTES:
+  size = deadlock_prone_callback_bytes(config, len(local), cpu_count, shards=int(mesh.shape[DATA]))
+  if size is None:
     return None
   return (
     f'{len(local)} CPU devices on {cpu_count} cores with ~{format_bytes(size)} of host-callback input per device: '
