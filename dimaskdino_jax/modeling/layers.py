@@ -236,12 +236,26 @@ def conv_general_dilated(
       padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     strides = tuple(int(s) for s in window_strides)
+    if rhs.shape[:2] == (1, 1) and strides == (1, 1) and pads == ((0, 0), (0, 0)) and precision is None:
+      return _conv_1x1(lhs, rhs)
     if min(min(pair) for pair in pads) >= 0 and _matmul_wgrad_pays(lhs.shape, rhs.shape, strides):
       return _conv_matmul_wgrad(lhs, rhs, strides, pads, precision)
   return jax.lax.conv_general_dilated(
     lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
     precision=precision, **kwargs,
   )  # fmt: skip
+
+
+def _conv_1x1(x, w):
+  """An NHWC 1 x 1 convolution with stride 1 and no padding, x (B, H, W, Ci), w (1, 1, Ci, Co) -> (B, H, W, Co): one
+  matrix product (`dense`, whose CPU gradient is products as well).
+
+  XLA:CPU runs 1 x 1 convolutions well below its matrix-product speed on large maps: at batch 2 and 128 x 128, 64
+  -> 256 channels 31 ms as a convolution against 17 ms as a product, 256 -> 64 30 vs 6 ms, 256 -> 256 56 vs 34 ms,
+  and the input gradients alike (ad hoc, median of 9, BENCHMARKS.md session 18); the outputs were the same bits.
+  Strided ones (ResNet's downsampling shortcuts) stay convolutions: as a slice and a product their input gradient
+  (a scatter into every other pixel) was slower than lax's in the R50 step."""
+  return dense(x, w[0, 0], None)
 
 
 # nn.Conv with that weight gradient: the model's convolutions (parameters and outputs as nn.Conv's).
