@@ -236,7 +236,7 @@ def conv_general_dilated(
       padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     strides = tuple(int(s) for s in window_strides)
-    if rhs.shape[:2] == (1, 1) and strides == (1, 1) and pads == ((0, 0), (0, 0)) and precision is None:
+    if strides == (1, 1) and pads == ((0, 0), (0, 0)) and precision is None and _product_1x1_pays(lhs.shape, rhs.shape):
       return _conv_1x1(lhs, rhs)
     if min(min(pair) for pair in pads) >= 0 and _matmul_wgrad_pays(lhs.shape, rhs.shape, strides):
       return _conv_matmul_wgrad(lhs, rhs, strides, pads, precision)
@@ -244,6 +244,22 @@ def conv_general_dilated(
     lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
     precision=precision, **kwargs,
   )  # fmt: skip
+
+
+# Multiply-adds from which a 1 x 1 convolution is a matrix product (`_product_1x1_pays`).
+PRODUCT_1X1_MIN_MACS = 1 << 26
+
+
+def _product_1x1_pays(x_shape, kernel_shape):
+  """Whether a 1 x 1 convolution (stride 1, no padding) runs as `_conv_1x1`: from 2^26 multiply-adds (B*H*W*Ci*Co).
+  Every 1 x 1 convolution of the R50 model at 512 x 512 has 2^29 or more and is faster so; the CPU demo's (configs/
+  shapes.py: at most 8 x 32 x 32 x 64 x 64 = 2^25) stay lax's: its trainer loop on two host devices ran 3.05 and
+  3.21 steps/s with them as products against 3.32 and 3.32 without (benchmarks/train_loop.py, BENCHMARKS.md
+  session 18)."""
+  if tuple(kernel_shape[:2]) != (1, 1):
+    return False
+  b, h, w, ci = x_shape
+  return b * h * w * ci * kernel_shape[3] >= PRODUCT_1X1_MIN_MACS
 
 
 def _conv_1x1(x, w):
