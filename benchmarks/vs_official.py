@@ -1,7 +1,7 @@
 r"""The official DI-MaskDINO (PyTorch) against ours on the same machine: R50 inference and one training step.
 
   python benchmarks/vs_official.py --official /path/to/DI-MaskDINO --detectron2 /path/to/detectron2 \
-      [--device cpu|cuda] [--skip-train] [--skip-infer] [--interleave] [--runs 5] [--threads N] [--json out.json]
+      [--device cpu|cuda] [--skip-train] [--runs 5] [--threads N] [--json out.json]
 
 Both sides get the same weights (the official R50 COCO model, 52,286,232 parameters, drawn from
 tests/parity/fixture_io.FULL_SEED; ours through our converter) and the same inputs, and run one after the other,
@@ -22,11 +22,8 @@ on a CPU).
   (train.py's step: DN, host Hungarian matching, every loss, backward, clipping, AdamW). Median ms per step.
 
 Prints a markdown table (with `uptime` before and after each side: the machine may be shared) and writes every
-figure to --json. `--interleave` times the training step in turns (one official step, one of ours, --runs times,
-both processes alive; `run_interleaved`), so that a drift of the machine's speed reaches both sides alike; without
-it each side runs all its steps in one go, the official side first. With --device cuda the torch model and inputs
-go to the GPU (still the grid_sample fallback) and ours runs on JAX's default device; peak device memory is reported
-instead of RSS where available.
+figure to --json. With --device cuda the torch model and inputs go to the GPU (still the grid_sample fallback) and
+ours runs on JAX's default device; peak device memory is reported instead of RSS where available.
 """
 
 import argparse
@@ -36,7 +33,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
@@ -215,58 +211,26 @@ def official_train_step(args):
   return step
 
 
-def official_train_stepper(args):
-  """(step () -> weighted loss, info dict) for `train_worker`: the official step, synchronized."""
+def worker_official_train(args):
   import torch
 
-  step, info = official_train_step(args), {}
-
-  def timed_step():
-    loss, info['loss_terms'] = step()
-    _sync(args.device)
-    return loss
-
-  def finish():
-    if args.device == 'cuda':
-      info['peak_device_mib'] = torch.cuda.max_memory_allocated() / 2**20
-    return info
-
-  return timed_step, finish
-
-
-def _timed(step):
-  """(wall s, process CPU s, loss) of one call of `step`."""
-  t0, c0 = time.perf_counter(), time.process_time()
-  loss = step()
-  return time.perf_counter() - t0, time.process_time() - c0, loss
-
-
-def train_worker(stepper, args):
-  """One side's training steps: one warm-up run and --runs timed ones, all here (the default), or with --serve one
-  step per 'step' line on stdin (after the warm-up and a READY line), each answered with a 'RUN wall cpu loss'
-  line, until 'done' (`run_interleaved` drives two such workers in turns). Returns the result dict."""
-  step, finish = stepper(args)
-  runs = [_timed(step)]  # the warm-up run (ours: after compiling)
-  if args.serve:
-    print('READY', flush=True)
-    for line in sys.stdin:
-      if line.strip() != 'step':
-        break
-      runs.append(_timed(step))
-      wall, cpu_s, loss = runs[-1]
-      print(f'RUN {wall:.6f} {cpu_s:.6f} {loss:.4f}', flush=True)
-  else:
-    runs += [_timed(step) for _ in range(args.runs)]
-  times, cpu, losses = zip(*runs)
+  step = official_train_step(args)
+  dev = args.device
+  times, losses, cpu = [], [], []
+  for _ in range(args.runs + 1):
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss, num_terms = step()
+    losses.append(loss)
+    _sync(dev)
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   res = dict(ms=1e3 * float(np.median(times[1:])), runs_ms=[round(1e3 * t, 1) for t in times], first_s=times[0])
   res['cpu_ms'] = 1e3 * float(np.median(cpu[1:]))
+  res['loss_terms'] = num_terms
   res['losses'] = [round(v, 2) for v in losses]
-  res.update(finish())
+  if dev == 'cuda':
+    res['peak_device_mib'] = torch.cuda.max_memory_allocated() / 2**20
   return res
-
-
-def worker_official_train(args):
-  return train_worker(official_train_stepper, args)
 
 
 # ------------------------------------------------------------------------------------------------ our side
@@ -366,30 +330,27 @@ def our_train_step():
   return jax.jit(make_train_step(config, model, tx), donate_argnums=0), state, batch
 
 
-def our_train_stepper(args):
-  """(step () -> weighted loss, info dict) for `train_worker`: our jitted step, compiled first (its time apart)."""
+def worker_ours_train(args):
   import jax
 
   jitted, state, batch = our_train_step()
   t0 = time.perf_counter()
-  compiled = jitted.lower(state, batch).compile()
-  info = {'compile_s': time.perf_counter() - t0, 'backend': jax.default_backend()}
-  box = [state]
-
-  def step():
-    box[0], m = compiled(box[0], batch)
-    return float(m['loss'])  # waits for the step
-
-  def finish():
-    if jax.default_backend() != 'cpu':
-      info['peak_device_mib'] = _device_peak()
-    return info
-
-  return step, finish
-
-
-def worker_ours_train(args):
-  return train_worker(our_train_stepper, args)
+  step = jitted.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  times, losses, cpu = [], [], []
+  for _ in range(args.runs + 1):
+    t0, c0 = time.perf_counter(), time.process_time()
+    state, m = step(state, batch)
+    losses.append(float(m['loss']))
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  res = dict(ms=1e3 * float(np.median(times[1:])), runs_ms=[round(1e3 * t, 1) for t in times], compile_s=compile_s)
+  res['cpu_ms'] = 1e3 * float(np.median(cpu[1:]))
+  res['losses'] = [round(v, 2) for v in losses]
+  res['backend'] = jax.default_backend()
+  if jax.default_backend() != 'cpu':
+    res['peak_device_mib'] = _device_peak()
+  return res
 
 
 WORKERS = {
@@ -400,8 +361,9 @@ WORKERS = {
 }
 
 
-def worker_command(name, args):
-  return [
+def run_worker(name, args):
+  """One side in its own process: its result dict plus peak RSS and the load before and after."""
+  cmd = [
     sys.executable,
     os.path.abspath(__file__),
     '--worker',
@@ -417,80 +379,21 @@ def worker_command(name, args):
     '--threads',
     str(args.threads),
   ]
-
-
-def _result(name, stdout, stderr, returncode):
-  lines = [ln for ln in stdout.splitlines() if ln.startswith('RESULT ')]
-  if returncode or not lines:
-    sys.stderr.write(stdout[-3000:] + stderr[-6000:])
-    raise SystemExit(f'{name} failed (exit {returncode})')
-  return json.loads(lines[-1][len('RESULT ') :])
-
-
-def _report(name, res):
-  print(
-    f'{name}: {res["ms"]:.0f} ms (runs {res["runs_ms"]}), peak RSS {res["peak_rss_mib"]:.0f} MiB, '
-    f'load {res["load_before"]} -> {res["load_after"]}',
-    flush=True,
-  )
-
-
-def run_worker(name, args):
-  """One side in its own process: its result dict plus peak RSS and the load before and after."""
   before = uptime()
   t0 = time.time()
-  proc = subprocess.run(worker_command(name, args), capture_output=True, text=True, cwd=REPO)
-  res = _result(name, proc.stdout, proc.stderr, proc.returncode)
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')]
+  if proc.returncode or not lines:
+    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+    raise SystemExit(f'{name} failed (exit {proc.returncode})')
+  res = json.loads(lines[-1][len('RESULT ') :])
   res.update(load_before=before, load_after=uptime(), wall_s=round(time.time() - t0, 1))
-  _report(name, res)
+  print(
+    f'{name}: {res["ms"]:.0f} ms (runs {res["runs_ms"]}), peak RSS {res["peak_rss_mib"]:.0f} MiB, '
+    f'load {before} -> {res["load_after"]}',
+    flush=True,
+  )
   return res
-
-
-def run_interleaved(names, args):
-  """The training step of both sides in turns: each side in its own process (set up and warmed up one after the
-  other, then idle while the other runs), --runs rounds of one official step then one of ours, so that a drift of
-  the machine's speed over the minutes of a run reaches both sides alike. Both processes hold their memory
-  throughout (about 17 GiB together for the R50 step). Returns {name: result dict}."""
-  procs, logs, before = {}, {}, {}
-
-  def next_line(name, prefix):  # the worker's next line starting with prefix (other output skipped)
-    for line in procs[name].stdout:
-      if line.startswith(prefix):
-        return line
-    logs[name].seek(0)
-    _result(name, '', logs[name].read(), procs[name].wait() or 1)  # raises: the worker ended early
-
-  try:
-    for name in names:
-      before[name] = uptime()
-      logs[name] = tempfile.TemporaryFile('w+')  # stderr: a file, so that a chatty worker never blocks on a pipe
-      procs[name] = subprocess.Popen(
-        worker_command(name, args) + ['--serve'],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=logs[name],
-        text=True,
-        cwd=REPO,
-      )
-      next_line(name, 'READY')  # set-up and warm-up; the other side waits
-    for _ in range(args.runs):
-      for name in names:
-        procs[name].stdin.write('step\n')
-        procs[name].stdin.flush()
-        next_line(name, 'RUN ')
-    out = {}
-    for name in names:
-      stdout, _ = procs[name].communicate('done\n')
-      logs[name].seek(0)
-      res = _result(name, stdout, logs[name].read(), procs[name].returncode)
-      res.update(load_before=before[name], load_after=uptime(), interleaved=True)
-      _report(name, res)
-      out[name] = res
-    return out
-  finally:
-    for proc in procs.values():
-      if proc.poll() is None:
-        proc.kill()
 
 
 def versions():
@@ -547,13 +450,7 @@ def main(argv=None):
   parser.add_argument('--runs', type=int, default=5, help='timed runs per side (after one warm-up run)')
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads (default: all cores)')
   parser.add_argument('--json', default=None, help='write every figure here')
-  parser.add_argument(
-    '--interleave',
-    action='store_true',
-    help='training step: both sides alive at once, one official step and one of ours in turns (run_interleaved)',
-  )
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
-  parser.add_argument('--serve', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
     import warnings
@@ -574,12 +471,9 @@ def main(argv=None):
   }
   tasks = ([] if args.skip_infer else ['infer']) + ([] if args.skip_train else ['train'])
   for task in tasks:
-    names = [f'{side}_{task}' for side in ('official', 'ours')]
-    if task == 'train' and args.interleave:
-      results.update(run_interleaved(names, args))
-    else:
-      for name in names:
-        results[name] = run_worker(name, args)
+    for side in ('official', 'ours'):
+      results[f'{side}_{task}'] = run_worker(f'{side}_{task}', args)
+      results[f'{task}_ratio'] = None
     results[f'{task}_ratio'] = results[f'official_{task}']['ms'] / results[f'ours_{task}']['ms']
   print()
   print(f'{results["machine"]}; {results["date"]}; device {args.device}; threads {args.threads}; {results["versions"]}')
