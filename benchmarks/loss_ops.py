@@ -1,4 +1,5 @@
-r"""The training step's hot spots of session 16, each against the formulation it replaced, at the R50 step's sizes.
+r"""The training step's hot spots of sessions 16 and 18, each against the formulation it replaced, at the R50 step's
+sizes.
 
   python benchmarks/loss_ops.py [--repeats 7] [--json OUT]
 
@@ -12,7 +13,10 @@ run: the machine's speed drifts by the hour):
 * ffn: the encoder FFN at batch 2 and 512 x 512 (2 x 5,440 x 256 -> 2,048 -> 256), forward + backward, flax's
   nn.Dense vs `layers.Dense`;
 * mask costs: the matcher's pairwise BCE + dice of 10 sets x 2 images x 300 queries x 12,544 points against 5 GT,
-  the official two-product BCE vs `matcher.mask_costs`.
+  the official two-product BCE vs `matcher.mask_costs`;
+* conv 1x1 ...: forward + backward of a 1 x 1 convolution at batch 2 (the backbone's and pixel decoder's sizes), the
+  convolution with its weight gradient as products (`layers._conv_matmul_wgrad`, the path before session 18) vs one
+  matrix product (`layers._conv_1x1`).
 Each line also gives the largest difference of the two results relative to the largest entry (per output).
 """
 
@@ -73,6 +77,11 @@ def ffn_grad(dense_cls):
   return model, jax.grad(lambda v, x: jnp.sum(jnp.sin(model.apply(v, x))), argnums=(0, 1))
 
 
+def conv_grad(conv):
+  """Gradient w.r.t. input and kernel of sum(sin(conv(x, w)))."""
+  return jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1))
+
+
 def max_diff(a, b):
   """The largest |a - b| of each leaf relative to the largest |a| of that leaf, over the leaves."""
   return max(
@@ -94,7 +103,7 @@ def main(argv=None):
     out, ms_after = timed(after, args, opts.repeats)
     results[name] = {'before_ms': ms_before, 'after_ms': ms_after, 'max_rel_diff': max_diff(ref, out)}
     print(
-      f'{name:12s} before {ms_before:8.1f} ms  after {ms_after:8.1f} ms  '
+      f'{name:26s} before {ms_before:8.1f} ms  after {ms_after:8.1f} ms  '
       f'max |diff| / max |before| {results[name]["max_rel_diff"]:.1e}'
     )
 
@@ -115,7 +124,7 @@ def main(argv=None):
   _, ms_before = timed(lambda k: jax.random.uniform(k, shape, jnp.float32), (key,), opts.repeats)
   _, ms_after = timed(lambda k: point_sampling.hashed_uniform(k, shape), (key,), opts.repeats)
   results['uniforms'] = {'before_ms': ms_before, 'after_ms': ms_after}  # different generators: no difference
-  print(f'{"uniforms":12s} before {ms_before:8.1f} ms  after {ms_after:8.1f} ms  (different streams)')
+  print(f'{"uniforms":26s} before {ms_before:8.1f} ms  after {ms_after:8.1f} ms  (different streams)')
 
   x = jnp.asarray(rng.standard_normal((2, 5440, 256), np.float32))
   model, grad_before = ffn_grad(nn.Dense)
@@ -131,6 +140,15 @@ def main(argv=None):
     jax.vmap(jax.vmap(matcher.mask_costs)),
     (logits, labels),
   )
+  for h, ci, co in ((128, 64, 256), (128, 256, 64), (128, 256, 256), (64, 128, 512), (64, 512, 256)):
+    x = jnp.asarray(rng.standard_normal((2, h, h, ci), np.float32))
+    w = jnp.asarray(rng.standard_normal((1, 1, ci, co), np.float32) / np.sqrt(ci))
+    compare(
+      f'conv 1x1 {h}x{h} {ci}->{co}',
+      conv_grad(lambda x_, w_: layers._conv_matmul_wgrad(x_, w_, (1, 1), ((0, 0), (0, 0)), None)),
+      conv_grad(layers._conv_1x1),
+      (x, w),
+    )
   if opts.json:
     with open(opts.json, 'w') as f:
       json.dump(results, f, indent=1)

@@ -266,9 +266,9 @@ def _conv_1x1(x, w):
   """An NHWC 1 x 1 convolution with stride 1 and no padding, x (B, H, W, Ci), w (1, 1, Ci, Co) -> (B, H, W, Co): one
   matrix product (`dense`, whose CPU gradient is products as well).
 
-  XLA:CPU runs 1 x 1 convolutions well below its matrix-product speed on large maps: at batch 2 and 128 x 128, 64
-  -> 256 channels 31 ms as a convolution against 17 ms as a product, 256 -> 64 30 vs 6 ms, 256 -> 256 56 vs 34 ms,
-  and the input gradients alike (ad hoc, median of 9, BENCHMARKS.md session 18); the outputs were the same bits.
+  XLA:CPU runs 1 x 1 convolutions well below its matrix-product speed on large maps: forward + backward at batch 2
+  and 128 x 128, 64 -> 256 channels 147 ms through `_conv_matmul_wgrad` against 63 ms as a product, 256 -> 256 212
+  vs 129 ms, with the same bits (`benchmarks/loss_ops.py`, BENCHMARKS.md session 18).
   Strided ones (ResNet's downsampling shortcuts) stay convolutions: as a slice and a product their input gradient
   (a scatter into every other pixel) was slower than lax's in the R50 step."""
   return dense(x, w[0, 0], None)
