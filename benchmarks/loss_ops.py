@@ -16,7 +16,10 @@ run: the machine's speed drifts by the hour):
   the official two-product BCE vs `matcher.mask_costs`;
 * conv 1x1 ...: forward + backward of a 1 x 1 convolution at batch 2 (the backbone's and pixel decoder's sizes), the
   convolution with its weight gradient as products (`layers._conv_matmul_wgrad`, the path before session 18) vs one
-  matrix product (`layers._conv_1x1`).
+  matrix product (`layers._conv_1x1`);
+* point loss loop: the loss loop's shape (7 rematerialized `lax.scan` steps, each 200 masks of 128 x 128 from a
+  product of embeddings and maps, BCE + dice at 12,544 points per mask against uint8 GT), the gradient of the
+  embeddings, the predicted masks sampled by `point_sample` (autodiff, before session 19) vs `point_sample_rows`.
 Each line also gives the largest difference of the two results relative to the largest entry (per output).
 """
 
@@ -34,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dimaskdino_jax.losses import matcher, point_sampling  # noqa: E402
+from dimaskdino_jax.losses import criterion, matcher, point_sampling  # noqa: E402
 from dimaskdino_jax.modeling import layers  # noqa: E402
 
 
@@ -80,6 +83,22 @@ def ffn_grad(dense_cls):
 def conv_grad(conv):
   """Gradient w.r.t. input and kernel of sum(sin(conv(x, w)))."""
   return jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1))
+
+
+def point_loss_loop(sampler):
+  """Gradient w.r.t. the embeddings (L, N, d) of the summed point losses of L rematerialized scan steps, the masks
+  (N, H, W) = embeddings . maps (H, W, d) sampled by `sampler` at points (L, N, P, 2), GT (L, N, H, W) uint8."""
+
+  def total(embeds, maps, gt, points):
+    def body(carry, xs):
+      e, g, p = xs
+      logits = sampler(jnp.einsum('nd,hwd->nhw', e, maps), p)  # (N, P)
+      labels = point_sampling.point_sample_no_grad(g, p)  # (N, P)
+      return carry + jnp.sum(criterion.sigmoid_ce_loss(logits, labels) + criterion.dice_loss(logits, labels)), None
+
+    return jax.lax.scan(jax.checkpoint(body, prevent_cse=False), 0.0, (embeds, gt, points))[0]
+
+  return jax.grad(total)
 
 
 def max_diff(a, b):
@@ -149,6 +168,16 @@ def main(argv=None):
       conv_grad(layers._conv_1x1),
       (x, w),
     )
+  embeds = jnp.asarray(rng.standard_normal((7, 200, 256), np.float32) * 0.05)
+  maps = jnp.asarray(rng.standard_normal((128, 128, 256), np.float32))
+  gt = jnp.asarray((rng.random((7, 200, 128, 128)) > 0.5).astype(np.uint8))
+  points = jnp.asarray(rng.random((7, 200, 12544, 2), np.float32))
+  compare(
+    'point loss loop',
+    point_loss_loop(point_sampling.point_sample),
+    point_loss_loop(point_sampling.point_sample_rows),
+    (embeds, maps, gt, points),
+  )
   if opts.json:
     with open(opts.json, 'w') as f:
       json.dump(results, f, indent=1)

@@ -35,6 +35,7 @@ from dimaskdino_jax.losses.point_sampling import (
   pixel_centers,
   point_sample,
   point_sample_no_grad,
+  point_sample_rows,
   uncertain_point_coords,
 )
 from dimaskdino_jax.modeling.outputs import HeadOutputs, mask_logits
@@ -91,7 +92,7 @@ def mask_loss_sums_at_points(pred_masks, gt_masks, points, weights):
 
   pred_masks (N, Hm, Wm) logits, gt_masks (N, Hg, Wg) binary, points (N, P, 2) (x, y) in [0, 1], weights (N,).
   """
-  point_logits = point_sample(pred_masks.astype(jnp.float32), points)  # (N, P)
+  point_logits = point_sample_rows(pred_masks.astype(jnp.float32), points)  # (N, P)
   point_labels = point_sample_no_grad(gt_masks, points)  # (N, P): the GT takes no gradient
   w = weights.astype(jnp.float32)
   return jnp.sum(sigmoid_ce_loss(point_logits, point_labels) * w), jnp.sum(dice_loss(point_logits, point_labels) * w)

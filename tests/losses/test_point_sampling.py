@@ -11,6 +11,8 @@ from dimaskdino_jax.losses.point_sampling import (
   num_uniform_draws,
   point_sample,
   point_sample_no_grad,
+  point_sample_rows,
+  point_sample_windows,
   uncertain_point_coords,
 )
 from tests.losses.helpers import np_point_sample
@@ -24,9 +26,14 @@ def _points(rng, n, p, h, w):
 
 
 SAMPLERS = pytest.mark.parametrize('sampler', [point_sample, point_sample_no_grad], ids=['point_sample', 'no_grad'])
+ROW_SAMPLERS = pytest.mark.parametrize(
+  'sampler',
+  [point_sample, point_sample_no_grad, point_sample_windows, point_sample_rows],
+  ids=['point_sample', 'no_grad', 'windows', 'rows'],
+)
 
 
-@SAMPLERS
+@ROW_SAMPLERS
 def test_point_sample_matches_numpy_per_map_points(sampler):
   rng = np.random.default_rng(0)
   maps = rng.normal(size=(3, 5, 7))
@@ -54,6 +61,36 @@ def test_point_sample_shared_points_shared_map_and_uint8(sampler):
   one_map = sampler(jnp.asarray(maps[0]), jnp.asarray(many, jnp.float32))  # map (H, W) for every point set
   ref = np.stack([np_point_sample(maps[0].astype(np.float64), many[i]) for i in range(2)])
   np.testing.assert_allclose(np.asarray(one_map), ref, atol=2e-6)
+
+
+def test_point_sample_rows_gradient_is_the_bilinear_scatter():
+  # The maps' gradient of point_sample_rows (a custom VJP: one windowed scatter-add into the padded map) against
+  # autodiff of point_sample and against NumPy: each point adds cotangent x bilinear weight to its four taps, taps
+  # outside the map dropped (grid_sample's zero padding).
+  rng = np.random.default_rng(5)
+  n, p, h, w = 3, 40, 6, 9
+  maps = rng.normal(size=(n, h, w)).astype(np.float32)
+  pts = _points(rng, n, p, h, w).astype(np.float32)
+  cot = rng.normal(size=(n, p)).astype(np.float32)
+  out, vjp = jax.vjp(lambda m: point_sample_rows(m, jnp.asarray(pts)), jnp.asarray(maps))
+  (grad,) = vjp(jnp.asarray(cot))
+  ref_out, ref_vjp = jax.vjp(lambda m: point_sample(m, jnp.asarray(pts)), jnp.asarray(maps))
+  (ref_grad,) = ref_vjp(jnp.asarray(cot))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-6, atol=1e-6)
+  expect = np.zeros((n, h, w), np.float64)
+  for i in range(n):
+    for (x, y), g in zip(pts[i].astype(np.float64), cot[i]):
+      px, py = x * w - 0.5, y * h - 0.5
+      x0, y0 = int(np.floor(px)), int(np.floor(py))
+      fx, fy = px - x0, py - y0
+      for dy, dx, wt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+        if 0 <= y0 + dy < h and 0 <= x0 + dx < w:
+          expect[i, y0 + dy, x0 + dx] += g * wt
+  np.testing.assert_allclose(np.asarray(grad), expect, rtol=1e-5, atol=1e-5)
+  # The points take no gradient.
+  pts_grad = jax.grad(lambda q: point_sample_rows(jnp.asarray(maps), q).sum())(jnp.asarray(pts))
+  assert np.all(np.asarray(pts_grad) == 0)
 
 
 def test_uncertain_points_pick_the_uncertain_region():
