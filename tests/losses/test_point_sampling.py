@@ -173,3 +173,26 @@ def test_hashed_uniform_is_uniform_and_independent():
   again = np.asarray(point_sampling.hashed_uniform(key, (50, 4000, 2)))
   np.testing.assert_array_equal(again, u)
   assert np.mean(other == flat) < 1e-3
+
+
+def test_kth_largest_is_np_partition_s_including_ties_and_missed_brackets():
+  """The bracketed selection of the host top-k gives np.partition's k-th largest on random rows, rows with heavy
+  ties, constant rows, extreme k and short rows (its fallbacks); a bracket forced to miss (a tiny stride's margin
+  around an adversarial subsample) falls back rather than answering wrong."""
+  rng = np.random.default_rng(3)
+  for trial in range(120):
+    n = int(rng.integers(100, 40000))
+    k = int(rng.choice([1, n, int(rng.integers(1, n + 1))]))
+    rows = rng.standard_normal((int(rng.integers(1, 4)), n)).astype(np.float32)
+    if trial % 3 == 0:
+      rows = np.round(rows * 4) / 4
+    if trial % 7 == 0:
+      rows[:] = 1.0
+    want = np.partition(rows, n - k, axis=-1)[:, n - k]
+    np.testing.assert_array_equal(point_sampling._kth_largest(rows, k), want)
+  # Every subsampled value (stride 16) is the row's largest: the bracket sits far above the k-th value.
+  n, k = 16000, 8000
+  rows = rng.standard_normal((2, n)).astype(np.float32)
+  rows[:, ::16] = 100.0
+  want = np.partition(rows, n - k, axis=-1)[:, n - k]
+  np.testing.assert_array_equal(point_sampling._kth_largest(rows, k), want)
