@@ -1,4 +1,4 @@
-r"""The training step's hot spots of sessions 16 and 18, each against the formulation it replaced, at the R50 step's
+r"""The training step's hot spots of sessions 16, 18 and 19, each against the formulation it replaced, at the R50 step's
 sizes.
 
   python benchmarks/loss_ops.py [--repeats 7] [--json OUT]
@@ -19,7 +19,9 @@ run: the machine's speed drifts by the hour):
   matrix product (`layers._conv_1x1`);
 * point loss loop: the loss loop's shape (7 rematerialized `lax.scan` steps, each 200 masks of 128 x 128 from a
   product of embeddings and maps, BCE + dice at 12,544 points per mask against uint8 GT), the gradient of the
-  embeddings, the predicted masks sampled by `point_sample` (autodiff, before session 19) vs `point_sample_rows`.
+  embeddings, the predicted masks sampled by `point_sample` (autodiff, before session 19) vs `point_sample_rows`;
+* max pool: the R50 stem's 3 x 3 / 2 pool at batch 2 (256 x 256 x 64 after a ReLU), forward + backward of
+  sum(pool(x) * dY), flax's nn.max_pool (autodiff) vs `layers.max_pool`.
 Each line also gives the largest difference of the two results relative to the largest entry (per output).
 """
 
@@ -177,6 +179,15 @@ def main(argv=None):
     point_loss_loop(point_sampling.point_sample),
     point_loss_loop(point_sampling.point_sample_rows),
     (embeds, maps, gt, points),
+  )
+  x = jnp.asarray(np.maximum(rng.standard_normal((2, 256, 256, 64), np.float32), 0))
+  dy = jnp.asarray(rng.standard_normal((2, 128, 128, 64), np.float32))  # the gradient from above, a buffer as in a step
+  pool = ((3, 3), (2, 2), ((1, 1), (1, 1)))
+  compare(
+    'max pool',
+    jax.grad(lambda x_, g: jnp.sum(nn.max_pool(x_, pool[0], strides=pool[1], padding=pool[2]) * g)),
+    jax.grad(lambda x_, g: jnp.sum(layers.max_pool(x_, *pool) * g)),
+    (x, dy),
   )
   if opts.json:
     with open(opts.json, 'w') as f:

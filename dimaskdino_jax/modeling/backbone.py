@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dimaskdino_jax.modeling.layers import Conv, conv_padding
+from dimaskdino_jax.modeling.layers import Conv, conv_padding, max_pool
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -141,7 +141,7 @@ class ResNet(nn.Module):
       name='stem',
     )
     x = nn.relu(stem(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     block = BottleneckBlock if self.depth >= 50 else BasicBlock

@@ -1,4 +1,4 @@
-"""Building blocks with PyTorch-compatible semantics: Linear/Conv inits, MLP, FFN, multi-head attention.
+"""Building blocks with PyTorch-compatible semantics: Linear/Conv inits, MLP, FFN, multi-head attention, max pooling.
 
 Weights are laid out the Flax way (kernels (in, out), convs (kh, kw, in, out)); the converter transposes.
 """
@@ -345,3 +345,50 @@ def _weight_grad(x, dy, kernel_hw, strides, pads, precision):
       )  # (B, Ho, Wo, Ci): the inputs tap (i, j) multiplies
       taps.append(_tn_product(patch.reshape(-1, ci), dy.reshape(-1, co), precision))
   return jnp.stack(taps).reshape(kh, kw, ci, co)
+
+
+# ----------------------------------------------------------------------------------------------- max pooling
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window, strides, padding):
+  """nn.max_pool of NHWC x with window (kh, kw), strides (sh, sw) and explicit padding ((top, bottom), (left,
+  right)): the same forward, with the gradient routed tap by tap (`_max_pool_bwd`).
+
+  On XLA:CPU autodiff's gradient of the max (a windowed reduction carrying each window's argmax as four int32 index
+  maps, then a scatter) made the R50 stem's pool at batch 2 (256 x 256 x 64 -> 128 x 128) take 162 ms forward and
+  backward; tap by tap 47 ms, the same routing (`benchmarks/loss_ops.py`, BENCHMARKS.md session 19)."""
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  y = max_pool(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+  """Each window's gradient to its first maximum in row-major tap order (torch's max_pool2d and lax's choice on
+  ties, such as the zeros after a ReLU): for tap (i, j) the window's input at that tap, a strided slice of the
+  -inf-padded x (B, Ho, Wo, C), takes g where it equals the window's max and no earlier tap did; the taps' shares go
+  back to their input pixels by a strided (interior) pad, and overlapping windows add."""
+  x, y = residuals  # x (B, H, W, C), y (B, Ho, Wo, C)
+  b, h, w, c = x.shape
+  (pt, pb), (pl, pr) = padding
+  (sh, sw), (ho, wo) = strides, y.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)  # (B, Hp, Wp, C)
+  hp, wp = xp.shape[1:3]
+  taken = jnp.zeros(y.shape, bool)  # (B, Ho, Wo, C): the window's maximum was found at an earlier tap
+  dxp = jnp.zeros(xp.shape, g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  for i in range(window[0]):
+    for j in range(window[1]):
+      last = (i + sh * (ho - 1), j + sw * (wo - 1))  # the tap's last input row / column in the padded map
+      at_tap = jax.lax.slice(xp, (0, i, j, 0), (b, last[0] + 1, last[1] + 1, c), (1, sh, sw, 1))  # (B, Ho, Wo, C)
+      first = (at_tap == y) & ~taken
+      taken = taken | first
+      share = jnp.where(first, g, zero)  # (B, Ho, Wo, C)
+      dxp = dxp + jax.lax.pad(
+        share, zero, ((0, 0, 0), (i, hp - 1 - last[0], sh - 1), (j, wp - 1 - last[1], sw - 1), (0, 0, 0))
+      )  # (B, Hp, Wp, C)
+  return (dxp[:, pt : pt + h, pl : pl + w],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
