@@ -275,7 +275,7 @@ def _kth_largest(rows, k, stride=16):
   out = np.empty(r, rows.dtype)
   for i in range(r):
     need = k - above[i]  # the k-th largest of the row is the need-th largest inside its bracket
-    band = rows[i][inside[i]] if need > 0 else rows[i][:0]
+    band = rows[i][inside[i]]
     if 0 < need <= band.size:
       out[i] = np.partition(band, band.size - need)[band.size - need]
     else:  # the bracket missed

@@ -360,7 +360,7 @@ def max_pool(x, window, strides, padding):
 
 
 def _max_pool_fwd(x, window, strides, padding):
-  y = max_pool(x, window, strides, padding)
+  y = nn.max_pool(x, window, strides=strides, padding=padding)
   return y, (x, y)
 
 
