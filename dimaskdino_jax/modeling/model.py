@@ -140,8 +140,8 @@ class Predictor(nn.Module):
   # ------------------------------------------------------------------------------------------- forward
   def __call__(self, multi_scale, mask_features, targets=None, train=False, all_layer_masks=False):
     """The paper's Figure 2. multi_scale: the encoder's maps [(B, H/8, W/8, d), ..., (B, H/64, W/64, d)];
-    mask_features F (B, Hm, Wm, d); targets (dict 'boxes', 'labels', 'valid', optionally 'dn_noise': a DnNoise)
-    feed the DN queries when `train`.
+    mask_features F (B, Hm, Wm, d); targets (dict 'boxes', 'labels', 'valid', optionally 'dn_noise': a DnNoise and
+    'dn_max_gt': () int) feed the DN queries when `train`.
     """
     selection_ks = tuple(self.cfg.di.selection_ks)
     extras = {}  # intermediate tensors for analysis and the parity tests
@@ -298,8 +298,10 @@ class Predictor(nn.Module):
       if dn_on and self.is_initializing():
         self.label_enc(jnp.zeros((1,), jnp.int32))  # create the DN embedding even when init runs without DN
       return DenoisingQueries(content, anchors, None, None, 0)
-    info, group = dn_layout(targets['valid'], model.dn.num)
-    noise = targets.get('dn_noise')  # explicit noise (DnNoise), e.g. the official code's draws in the parity test
+    # 'dn_max_gt' / 'dn_noise': given by the trainer (drawn for the whole batch, so that a step run per data shard
+    # is the one-device step) or by the parity tests (the official code's draws); else drawn here.
+    info, group = dn_layout(targets['valid'], model.dn.num, targets.get('dn_max_gt'))
+    noise = targets.get('dn_noise')
     if noise is None:
       noise = draw_dn_noise(self.make_rng('dn'), info.positive.shape, model.num_classes, model.dn.noise_scale)
     dn_content, dn_anchors = dn_queries(

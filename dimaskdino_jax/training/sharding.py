@@ -5,12 +5,15 @@ parallelism is implemented: `model` must be 1 (it is there so a second axis can 
 The global batch is sharded on `data` (`shard_batch`: each process passes its own rows, see
 `jax.make_array_from_process_local_data`); params and optimizer state are replicated (`replicated`). The train
 step is one `jax.jit` with these in / out shardings and the state donated (trainer.py), traced under
-`jax.set_mesh(mesh)`, so the ops that cannot be partitioned by XLA find the mesh at trace time and run per shard
-in `jax.shard_map` (`per_shard`): the Hungarian matching's host callback (each device hands its own images to
-scipy; no device gathers the batch) and the deformable-attention op (a Pallas kernel is opaque to the
-partitioner). Everything else (model, losses, the normalizer = number of GT boxes of the global batch, random
-draws) is computed on global arrays, so a step gives the single-device result for the same global batch up to
-floating-point summation order; with one device (`data_size() == 1`) nothing is wrapped at all.
+`jax.set_mesh(mesh)`. What depends on the whole batch is computed on global arrays: the normalizer (the number of
+GT boxes of the global batch), the DN draws and the DN layout's largest GT count (`trainer.dn_draws`), the random
+mask points. Then either (`trainer.flat_gradient_sum`, whenever the losses draw no mask points) each shard's
+losses and gradients run in one `jax.shard_map` and are summed over the shards as one flat vector, or XLA
+partitions the model and the losses, and the ops it cannot partition find the mesh at trace time and run per
+shard in `jax.shard_map` (`per_shard`): the Hungarian matching's host callback (each device hands its own images
+to scipy; no device gathers the batch) and the deformable-attention op (a Pallas kernel is opaque to the
+partitioner). Either way a step gives the single-device result for the same global batch up to floating-point
+summation order; with one device (`data_size() == 1`) nothing is wrapped at all.
 
 Multi-host (`initialize_distributed`): `jax.distributed.initialize` from explicit flags, or the environment
 variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a SLURM job step (jax's own cluster

@@ -32,9 +32,12 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from clu import parameter_overview
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec
 
 from dimaskdino_jax.convert.init import check_initial_weights, load_initial_weights
 from dimaskdino_jax.losses.criterion import compute_losses
+from dimaskdino_jax.modeling.denoising import draw_dn_noise
 from dimaskdino_jax.modeling.model import build_model
 from dimaskdino_jax.training import optimizer as optim_lib
 from dimaskdino_jax.training import partition, sharding
@@ -166,22 +169,29 @@ def make_train_step(config, model, tx):
   """
   predicate = partition.trainable_predicate(config)
 
+  def losses_and_grads(trainable, frozen, frozen_bn, image, targets, k_loss, num_masks):
+    """((loss, terms), grads) of the batch (or of one data shard, with the whole batch's `num_masks`)."""
+
+    def loss_fn(trainable):
+      params = partition.merge_params(trainable, jax.lax.stop_gradient(frozen))
+      preds = model.apply({'params': params, 'frozen_bn': frozen_bn}, image, targets, train=True)
+      return compute_losses(preds, targets, k_loss, config, num_masks_override=num_masks)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
   def step_fn(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
     k_dn, k_loss = jax.random.split(rng)
     targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
+    targets.update(dn_draws(config, targets['valid'], k_dn))
+    num_masks = jnp.sum(targets['valid']).astype(jnp.float32)  # the whole batch's GT count (clamped >= 1 there)
 
     trainable, frozen = partition.split_params(state['params'], predicate)
-
-    def loss_fn(trainable):
-      params = partition.merge_params(trainable, jax.lax.stop_gradient(frozen))
-      preds = model.apply(
-        {'params': params, 'frozen_bn': state['frozen_bn']}, batch['image'], targets, train=True, rngs={'dn': k_dn}
-      )
-      total, terms = compute_losses(preds, targets, k_loss, config)
-      return total, terms
-
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    args = (trainable, frozen, state['frozen_bn'], batch['image'], targets, k_loss, num_masks)
+    if flat_gradient_sum(config):
+      (loss, terms), grads = _per_shard_with_flat_sum(losses_and_grads, *args)
+    else:
+      (loss, terms), grads = losses_and_grads(*args)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # the norm is NaN / inf iff a gradient is
     updates, opt_state = tx.update(grads, state['opt_state'], trainable)
@@ -208,6 +218,55 @@ def make_train_step(config, model, tx):
     return new_state, scalars
 
   return step_fn
+
+
+def dn_draws(config, valid, key):
+  """The DN inputs that depend on the whole batch, drawn once for it: {'dn_noise': DnNoise (B, S, ...), 'dn_max_gt':
+  () int32} for the model's targets, {} without DN. valid (B, G) bool; key: the step's DN key."""
+  dn = config.model.dn
+  if dn.mode == 'none' or int(dn.num) <= 0:
+    return {}
+  shape = (valid.shape[0], int(dn.num))
+  noise = draw_dn_noise(key, shape, int(config.model.num_classes), float(dn.noise_scale))
+  return {'dn_noise': noise, 'dn_max_gt': jnp.max(jnp.sum(valid, axis=-1)).astype(jnp.int32)}
+
+
+def flat_gradient_sum(config) -> bool:
+  """Whether the step (traced under a mesh) computes each data shard's losses and gradients in a `shard_map` and
+  sums the gradients in ONE all-reduce of a flat vector: when the mesh's data axis has more than one device and
+  the losses draw no random points (loss.num_points and matcher.num_points 0, or no mask losses), whose draws
+  depend on the shape of the batch they are drawn for.
+
+  Else XLA partitions the step and sums each parameter's gradient where it is formed: one all-reduce operand
+  per parameter leaf (283 for configs/shapes.py). Across processes on CPUs (gloo) each operand costs a fixed
+  latency: two processes of the demo's config, one core each, spent 1.7 s of a 2.0 s step in those all-reduces,
+  against ~10 ms for one flat vector of the same 1.4 M numbers (BENCHMARKS.md, session 20).
+  """
+  if sharding.data_size() <= 1:
+    return False
+  loss, match = config.loss, config.matcher
+  return not bool(loss.mask_losses) or (int(loss.num_points) == 0 and int(match.num_points) == 0)
+
+
+def _per_shard_with_flat_sum(losses_and_grads, trainable, frozen, frozen_bn, image, targets, k_loss, num_masks):
+  """`losses_and_grads` of each data shard (its rows of image and targets; the rest replicated) in a shard_map,
+  then the loss, the terms and the gradients summed over the shards, the gradients as one flat vector. The step's
+  result for the whole batch up to summation order: every loss term is a sum over images divided by the whole
+  batch's `num_masks`, and the DN draws came from `dn_draws` for the whole batch."""
+  data, rep = PartitionSpec(sharding.DATA), PartitionSpec()
+  target_specs = {k: rep if k == 'dn_max_gt' else jax.tree.map(lambda _: data, v) for k, v in targets.items()}
+
+  def shard(trainable, frozen, frozen_bn, image, targets, k_loss, num_masks):
+    # Varying over the shards before differentiating: each shard keeps its own gradient (no psum per leaf).
+    trainable = jax.lax.pcast(trainable, sharding.DATA, to='varying')
+    out = losses_and_grads(trainable, frozen, frozen_bn, image, targets, k_loss, num_masks)
+    flat, unravel = ravel_pytree(out)  # ((loss, terms), grads): one float32 vector, one all-reduce operand
+    return unravel(jax.lax.psum(flat, sharding.DATA))
+
+  in_specs = (rep, rep, rep, data, target_specs, rep, rep)
+  return jax.shard_map(shard, in_specs=in_specs, out_specs=rep)(
+    trainable, frozen, frozen_bn, image, targets, k_loss, num_masks
+  )
 
 
 _STEP_CACHE = {}

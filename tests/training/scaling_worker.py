@@ -119,6 +119,7 @@ def msda_grads_on_mesh():
 
 def run_devices(data_dir, out):
   from dimaskdino_jax.losses import matcher
+  from dimaskdino_jax.training import trainer
   from dimaskdino_jax.training.trainer import train
   from dimaskdino_jax.training.writers import read_metrics
 
@@ -131,11 +132,20 @@ def run_devices(data_dir, out):
     return solve(costs, gt_valid, num_queries)
 
   matcher._solve_host = counting
+  traced = []  # per traced step: whether it summed the shards' gradients as one flat vector
+  per_shard = trainer._per_shard_with_flat_sum
+
+  def recording(*args):
+    traced.append(True)
+    return per_shard(*args)
+
+  trainer._per_shard_with_flat_sum = recording
   result = {}
   w8, w1 = os.path.join(out, 'd8'), os.path.join(out, 'd1')
   with phase('train 1 step on 8 devices'):
     s8 = train(config_for(data_dir, 1, 8), w8, verbose=False)
   result['rows_8'], rows[:] = list(rows), []
+  result['flat_traced_8'], traced[:] = len(traced), []
   with phase('train 1 step on 1 device'):
     s1 = train(config_for(data_dir, 1, 1), w1, verbose=False)
   result['rows_1'], rows[:] = list(rows), []
@@ -158,6 +168,16 @@ def run_devices(data_dir, out):
       state = train(config_for(data_dir, 3, n), wd, verbose=False)
     result[f'resumed_on_{n}'] = losses(wd)
     result[f'resumed_on_{n}_devices'] = len(jax.tree.leaves(state['params'])[0].sharding.device_set)
+  # Sampled mask points (their uniforms are drawn for the whole batch): XLA partitions the step instead.
+  traced[:] = []
+  with phase('sampled points: 1 step on 8 and on 1 device'):
+    for n in (8, 1):
+      c = config_for(data_dir, 1, n)
+      c.loss.num_points = c.matcher.num_points = 16
+      wd = os.path.join(out, f'points{n}')
+      train(c, wd, verbose=False)
+      result[f'points_loss_d{n}'], result[f'points_grad_norm_d{n}'] = losses(wd)[1], read_metrics(wd)[0]['grad_norm']
+  result['flat_traced_points'] = len(traced)
   with phase('deformable attention gradients per shard'):
     result['msda_mesh'] = msda_grads_on_mesh()
   result['timings'] = TIMINGS
