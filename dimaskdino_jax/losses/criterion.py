@@ -355,6 +355,13 @@ def _given_uniforms(given, match_shapes, loss_points, sets, predictions, loss_cf
   return out
 
 
+def draws_mask_points(config) -> bool:
+  """Whether compute_losses draws random numbers (from its rng): the mask losses' or the matcher's mask-cost
+  points; their draws are shaped by the batch they are drawn for."""
+  loss, match = config.loss, config.matcher
+  return bool(loss.mask_losses) and (int(loss.num_points) != 0 or int(match.num_points) != 0)
+
+
 def compute_losses(predictions, targets, rng, config, num_masks_override=None, uniforms=None):
   """All training losses of one step (the official `SetCriterion.forward` plus the DI `oldm` terms).
 

@@ -16,6 +16,11 @@ from dimaskdino_jax.box_ops import inverse_sigmoid
 from dimaskdino_jax.modeling.outputs import DenoisingInfo
 
 
+def max_gt_count(valid):
+  """() int32: the largest number of valid GT of one image of the batch, valid (B, G); its DN groups follow it."""
+  return jnp.max(jnp.sum(valid, axis=-1)).astype(jnp.int32)
+
+
 def dn_layout(valid, num_slots, max_gt=None):
   """The DN slot layout for GT validity (B, G) (valid entries packed first).
 
@@ -24,7 +29,7 @@ def dn_layout(valid, num_slots, max_gt=None):
   Returns DenoisingInfo and `group` (S,) int32: the DN group of each slot (-1 when inactive).
   """
   n = jnp.sum(valid, axis=-1).astype(jnp.int32)  # (B,) GT per image
-  max_gt = jnp.max(n) if max_gt is None else jnp.asarray(max_gt, jnp.int32)
+  max_gt = max_gt_count(valid) if max_gt is None else jnp.asarray(max_gt, jnp.int32)
   single_pad = jnp.maximum(max_gt, 1)
   groups = jnp.where((max_gt > 0) & (max_gt <= num_slots), num_slots // single_pad, 0).astype(jnp.int32)
   s = jnp.arange(num_slots, dtype=jnp.int32)
