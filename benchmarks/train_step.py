@@ -1,16 +1,27 @@
 """Times one jitted training step (forward, losses with host matching, AdamW update) for a config.
 
   python benchmarks/train_step.py --config configs/shapes.py [--batch-size 8] [--steps 10] [--config.x=y ...]
+  python benchmarks/train_step.py --config configs/shapes.py --processes 2 [--gradient_sum=per_leaf] [--nopin]
 
 Random images and GT boxes/masks of the config's shapes (no dataset needed). Prints compile seconds, the median
 step time after warm-up, the trainable parameter count and XLA's memory analysis of the compiled step (arguments,
 outputs, temporaries; on a GPU also the device's peak bytes in use). `--json OUT` writes these figures (per image
 too). `--config.train.trainable=mask_branch` times the Mask Frozen-DETR mode (only the mask branch
 differentiated and updated; optimizer state for it only).
+
+`--processes N` times the data-parallel step across N processes on this machine (`jax.distributed` on 127.0.0.1,
+one CPU device each, pinned one per core with `taskset` unless `--nopin` or the machine has fewer cores): each
+process feeds its rows of the global batch to the trainer's mesh step (`trainer.jit_train_step`), and process 0
+prints the median over the steps of the slowest process and which gradient sum the step used (one flat vector or
+XLA's per-parameter all-reduces, `trainer.flat_gradient_sum`; `--gradient_sum=per_leaf` forces the latter, to
+compare).
 """
 
 import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import time
 
@@ -27,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dimaskdino_jax.losses.criterion import compute_losses  # noqa: E402
 from dimaskdino_jax.modeling.model import build_model  # noqa: E402
 from dimaskdino_jax.training import optimizer as optim_lib  # noqa: E402
-from dimaskdino_jax.training import partition  # noqa: E402
+from dimaskdino_jax.training import partition, sharding, trainer  # noqa: E402
 from dimaskdino_jax.training.trainer import batch_to_device, init_state, make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/shapes.py', 'config file')
@@ -38,6 +49,13 @@ _FAST = flags.DEFINE_bool(
   'fast_compile', False, "XLA's lowest optimization level (quick CPU smoke tests of this script; never for timings)"
 )
 _LOSS_ONLY = flags.DEFINE_bool('loss_only', False, 'time only the losses (matching + criterion) on fixed predictions')
+_PROCESSES = flags.DEFINE_integer('processes', 1, 'processes on this machine joined by jax.distributed (data parallel)')
+_PIN = flags.DEFINE_bool('pin', True, 'with --processes: pin process i to core i (taskset) where cores allow')
+_GRAD_SUM = flags.DEFINE_enum(
+  'gradient_sum', 'auto', ['auto', 'per_leaf'], "with --processes: the trainer's choice, or XLA's per-leaf all-reduces"
+)
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'internal: this worker of --processes')
+_PORT = flags.DEFINE_integer('port', None, 'internal: the coordinator port of --processes')
 
 
 # XLA options for a quick compile (CPU smoke runs of the benchmark scripts, e.g. benchmarks/gpu_check.py --cpu-smoke).
@@ -87,10 +105,99 @@ def time_losses(config, model, state, batch):
   )
 
 
+def launch_processes(n: int) -> None:
+  """Runs this script as `n` workers (--process_id i --port P), process i on core i when --pin and cores allow."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  pin = _PIN.value and (os.cpu_count() or 1) >= n and shutil.which('taskset') is not None
+  env = dict(os.environ)
+  # One CPU device per process: a device count forced in XLA_FLAGS would give each process several.
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split() if 'host_platform_device_count' not in f)
+  procs = []
+  for pid in range(n):
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f'--process_id={pid}', f'--port={port}']
+    procs.append(subprocess.Popen((['taskset', '-c', str(pid)] if pin else []) + cmd, env=env))
+  codes = [p.wait() for p in procs]
+  if any(codes):
+    raise SystemExit(f'--processes {n}: worker exit codes {codes}')
+
+
+def time_processes(config, bsz: int) -> None:
+  """One worker of --processes: the mesh step on this process's rows of a global batch of `bsz` fake images."""
+  from jax.experimental import multihost_utils
+
+  n, pid = _PROCESSES.value, _PROCESS_ID.value
+  jax.distributed.initialize(f'127.0.0.1:{_PORT.value}', n, pid)
+  if bsz % n:
+    raise SystemExit(f'--processes {n} must divide the batch size {bsz}')
+  if _GRAD_SUM.value == 'per_leaf':
+    trainer.flat_gradient_sum = lambda config: False  # make_train_step reads the module's function at trace time
+  mesh = sharding.make_mesh(config)
+  model = build_model(config)
+  local = bsz // n
+  shape = (local, config.data.image_size, config.data.image_size, 3)
+  tx = optim_lib.build_optimizer(config, partition.trainable_params(config, trainer.abstract_params(model, shape)))
+  state = sharding.put_replicated(init_state(config, model, tx, shape), mesh)
+  step = trainer.jit_train_step(config, model, tx, mesh)
+  rng = np.random.default_rng(pid)  # each process its own rows
+  batches = [fake_batch(config, local, rng) for _ in range(3)]
+  t0 = time.perf_counter()
+  state, m = trainer.run_step(step, mesh, state, batches[0])
+  jax.block_until_ready(m['loss'])
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(_STEPS.value):
+    t0 = time.perf_counter()
+    state, m = trainer.run_step(step, mesh, state, batches[(i + 1) % 3])
+    jax.block_until_ready(m['loss'])
+    times.append(time.perf_counter() - t0)
+  every = np.asarray(multihost_utils.process_allgather(np.asarray(times)))  # (processes, steps)
+  if pid:
+    return
+  slowest = every.max(axis=0)  # a step ends for the run when its slowest process is done
+  with jax.set_mesh(mesh):  # the mesh the step was traced under decides (data_size)
+    flat = trainer.flat_gradient_sum(config)
+  pinned = len(os.sched_getaffinity(0)) == 1  # taskset by launch_processes
+  print(
+    f'config={config.name} global batch={bsz} ({local} per process) canvas={config.data.image_size} processes={n} '
+    f'({"pinned one per core" if pinned else "not pinned"}), gradient sum: '
+    f'{"one flat vector" if flat else "per parameter leaf (XLA)"}'
+  )
+  medians = ', '.join(f'{np.median(t) * 1e3:.0f}' for t in every)
+  print(
+    f'first step (compile + run): {compile_s:.1f} s; median step {np.median(slowest) * 1e3:.0f} ms (each process: '
+    f'{medians} ms); {bsz / np.median(slowest):.1f} images/s; loss {float(m["loss"]):.2f}'
+  )
+  if _JSON.value:
+    result = {
+      'config': config.name,
+      'batch_size': bsz,
+      'canvas': int(config.data.image_size),
+      'processes': n,
+      'pinned': bool(pinned),
+      'gradient_sum': 'flat' if flat else 'per_leaf',
+      'steps': _STEPS.value,
+      'compile_s': round(compile_s, 3),
+      'median_ms': round(float(np.median(slowest)) * 1e3, 3),
+      'process_median_ms': [round(float(np.median(t)) * 1e3, 3) for t in every],
+      'images_per_s': round(bsz / float(np.median(slowest)), 3),
+      'loss': float(m['loss']),
+    }
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
   bsz = _BS.value or config.train.batch_size
+  if _PROCESSES.value > 1:
+    if _PROCESS_ID.value is None:
+      launch_processes(_PROCESSES.value)
+    else:
+      time_processes(config, bsz)
+    return
   model = build_model(config)
   shape = (bsz, config.data.image_size, config.data.image_size, 3)
   params_shape = jax.eval_shape(
