@@ -14,6 +14,7 @@ PRED_HW = (8, 8)
 
 def tiny_config(num_points=32):
   c = shapes.get_config()
+  c.loss.focal_alpha = 0.25  # the official alpha, which the NumPy references below use (configs/shapes.py: 0.75)
   c.loss.num_points = num_points
   c.matcher.num_points = num_points
   return c
