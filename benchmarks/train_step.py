@@ -132,7 +132,9 @@ def time_processes(config, bsz: int) -> None:
   if bsz % n:
     raise SystemExit(f'--processes {n} must divide the batch size {bsz}')
   if _GRAD_SUM.value == 'per_leaf':
-    trainer.flat_gradient_sum = lambda config: False  # make_train_step reads the module's function at trace time
+    if not callable(getattr(trainer, 'flat_gradient_sum', None)):  # what make_train_step asks at trace time
+      raise SystemExit('--gradient_sum=per_leaf: trainer.flat_gradient_sum is gone; update this benchmark')
+    trainer.flat_gradient_sum = lambda config: False
   mesh = sharding.make_mesh(config)
   model = build_model(config)
   local = bsz // n

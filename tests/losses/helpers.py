@@ -154,9 +154,9 @@ def np_matched_losses(logits, boxes, targets, query_for_gt, alpha=0.25, gamma=2.
   return {'loss_ce': np_focal(logits, onehot, alpha, gamma).sum(), 'loss_bbox': l1, 'loss_giou': giou}
 
 
-def np_match_cost(logits, boxes, labels, gt_boxes, weights, masks=None, gt_masks=None, points=None):
+def np_match_cost(logits, boxes, labels, gt_boxes, weights, masks=None, gt_masks=None, points=None, alpha=0.25):
   """(Q, n) matching cost of one image against its n valid GT, as docs/architecture.md "Losses" describes it
-  (loops, float64)."""
+  (loops, float64); `alpha` the focal class cost's (the official 0.25)."""
   logits = np.asarray(logits, np.float64)
   q, n = logits.shape[0], len(labels)
   cost = np.zeros((q, n))
@@ -165,8 +165,8 @@ def np_match_cost(logits, boxes, labels, gt_boxes, weights, masks=None, gt_masks
       x = np_point_sample(np.asarray(masks[i], np.float64), points)
     for j in range(n):
       p = np_sigmoid(logits[i, labels[j]])
-      pos = 0.25 * (1 - p) ** 2 * -np.log(p + 1e-8)
-      neg = 0.75 * p**2 * -np.log(1 - p + 1e-8)
+      pos = alpha * (1 - p) ** 2 * -np.log(p + 1e-8)
+      neg = (1 - alpha) * p**2 * -np.log(1 - p + 1e-8)
       c = weights['cost_class'] * (pos - neg)
       c += weights['cost_box'] * np.abs(np.asarray(boxes[i], np.float64) - gt_boxes[j]).sum()
       c -= weights['cost_giou'] * np_giou(boxes[i], gt_boxes[j])

@@ -193,10 +193,13 @@ def test_compute_losses_jit_grad_one_host_call(monkeypatch):
   assert float(jnp.abs(grads0['dn'].logits).sum()) == 0.0
 
 
-def test_compute_losses_matches_numpy_without_masks():
-  """Masks off: matching costs are deterministic, so scipy + NumPy reproduce every class / box term."""
+@pytest.mark.parametrize('alpha', [0.25, 0.75])  # the official focal alpha, and configs/shapes.py's
+def test_compute_losses_matches_numpy_without_masks(alpha):
+  """Masks off: matching costs are deterministic, so scipy + NumPy reproduce every class / box term; `loss.focal_alpha`
+  is the class loss's and the matcher's class cost's."""
   cfg = h.tiny_config()
   cfg.loss.mask_losses = False
+  cfg.loss.focal_alpha = alpha
   counts = (3, 1)
   targets = h.make_targets(seed=8, counts=counts)
   p = h.make_predictions(seed=9, counts=counts, num_groups=2, with_masks=False, di_more=1)
@@ -210,10 +213,11 @@ def test_compute_losses_matches_numpy_without_masks():
     q_for_gt = np.full((h.B, h.G), -1)
     for i in range(h.B):
       n = counts[i]
-      cost = h.np_match_cost(logits[i], boxes[i], targets['labels'][i, :n], targets['boxes'][i, :n], cfg.matcher)
+      gt = (targets['labels'][i, :n], targets['boxes'][i, :n])
+      cost = h.np_match_cost(logits[i], boxes[i], *gt, cfg.matcher, alpha=alpha)
       rows, cols = scipy.optimize.linear_sum_assignment(cost)
       q_for_gt[i, cols] = rows
-    return {k: v / num_masks for k, v in h.np_matched_losses(logits, boxes, targets, q_for_gt).items()}
+    return {k: v / num_masks for k, v in h.np_matched_losses(logits, boxes, targets, q_for_gt, alpha=alpha).items()}
 
   lay = p.layers
   refs = {'': np_set(lay.logits[-1], lay.boxes[-1]), '_interm': np_set(p.interm.logits, p.interm.boxes)}
@@ -223,7 +227,7 @@ def test_compute_losses_matches_numpy_without_masks():
     refs[f'oldm_{i}'] = np_set(p.di_aux.logits[i], p.di_aux.boxes[i])
     refs[f'oldm_{h.T + i}'] = np_set(p.di_aux_more[0].logits[i], p.di_aux_more[0].boxes[i])
   for i, suffix in [(h.N_LAYERS - 1, '_dn'), *[(i, f'_dn_{i}') for i in range(h.N_LAYERS - 1)]]:
-    refs[suffix] = h.np_dn_losses(p.dn.logits[i], p.dn.boxes[i], targets, 2, max(counts), num_masks)
+    refs[suffix] = h.np_dn_losses(p.dn.logits[i], p.dn.boxes[i], targets, 2, max(counts), num_masks, alpha=alpha)
   for suffix, ref in refs.items():
     for k, v in ref.items():
       name = f'oldm_{k}_{suffix[5:]}' if suffix.startswith('oldm_') else k + suffix
