@@ -38,8 +38,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# pytest under glibc's malloc tunables (dimaskdino_jax/runtime.py; the entry points restart with them themselves).
 test: lint setup-torch setup-cuda-compile
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+	$(BIN)/python -m dimaskdino_jax.runtime $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 demo: setup
 	$(BIN)/python -m dimaskdino_jax.demo --workdir runs/demo

@@ -21,7 +21,9 @@ The shapes config writes and prepares its synthetic dataset when it is missing.
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import sys  # noqa: E402
 

@@ -12,9 +12,9 @@ are skipped, counted and named in the summary (exit status 1 when no image could
 overridden with --config.a.b=value. Runs on whatever JAX finds (CPU or GPU); one compilation per canvas.
 """
 
-import os
+from dimaskdino_jax import runtime  # noqa: E402
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import sys  # noqa: E402
 

@@ -16,11 +16,12 @@ mismatch), printed without a traceback; 128 + N after signal N (SIGTERM 143, SIG
 current step is written: rerun the same command to resume.
 """
 
-import os
 import shlex
 import sys
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402

@@ -19,7 +19,10 @@ image decoding nor the host-side post-processing (masks to image size, RLE).
 import os
 import sys
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -28,8 +31,6 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dimaskdino_jax.config import parse_config_overrides  # noqa: E402
 from dimaskdino_jax.evaluation.evaluator import make_predict_fn  # noqa: E402

@@ -31,8 +31,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -24,7 +24,10 @@ import re
 import sys
 import time
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 for _arg in sys.argv[1:]:  # the dump flag must reach XLA before jax is imported
   if _arg.startswith('--dump_to='):
     os.environ['XLA_FLAGS'] += f' --xla_dump_to={_arg.split("=", 1)[1]} --xla_dump_hlo_module_re=.*step_fn.*'
@@ -33,8 +36,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dimaskdino_jax.modeling.model import build_model  # noqa: E402
 from dimaskdino_jax.training import optimizer as optim_lib  # noqa: E402

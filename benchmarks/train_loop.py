@@ -22,7 +22,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-reduce'
+sys.path.insert(0, ROOT)
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # the malloc tunables (a restart), which the children inherit
+BASE_FLAGS = runtime.XLA_CPU_FLAGS
 
 
 def worker(config, steps: int) -> dict:
@@ -67,7 +71,6 @@ def main(argv=None):
   parser.add_argument('--json', default=None, help='where to write the figures')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   argv = sys.argv[1:] if argv is None else list(argv)
-  sys.path.insert(0, ROOT)
   from dimaskdino_jax.config import parse_config_overrides
 
   # --config.a.b=value overrides, checked here before any child starts and passed on to each child unchanged.
@@ -96,7 +99,10 @@ def main(argv=None):
     results[str(n)] = r
     print(f'{n} device(s): {r["steps_per_sec"]:.2f} steps/s ({r["intervals"]} intervals), run {r["train_s"]:.0f} s')
   print()
-  print(f'| devices | steps/s | train s |  ({args.config}, {args.steps} steps, {os.cpu_count()} CPUs)')
+  print(
+    f'| devices | steps/s | train s |  ({args.config}, {args.steps} steps, {os.cpu_count()} CPUs, '
+    f'malloc: {runtime.describe_malloc()})'
+  )
   print('|---|---|---|')
   for n, r in results.items():
     print(f'| {n} | {r["steps_per_sec"]:.2f} | {r["train_s"]:.0f} |')

@@ -25,15 +25,16 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dimaskdino_jax.losses.criterion import compute_losses  # noqa: E402
 from dimaskdino_jax.modeling.model import build_model  # noqa: E402
@@ -233,7 +234,7 @@ def main(argv):
     times.append(time.perf_counter() - t0)
   print(
     f'config={config.name} batch={bsz} canvas={config.data.image_size} '
-    f'devices={jax.device_count()} ({jax.devices()[0].platform})'
+    f'devices={jax.device_count()} ({jax.devices()[0].platform}); malloc: {runtime.describe_malloc()}'
   )
   print(
     f'first step (compile + run): {compile_s:.1f} s; median step {np.median(times) * 1e3:.0f} ms; '
@@ -264,6 +265,7 @@ def main(argv):
       'devices': jax.device_count(),
       'steps': _STEPS.value,
       'fast_compile': _FAST.value,
+      'malloc': runtime.describe_malloc(),
       'compile_s': round(compile_s, 3),
       'median_ms': round(float(np.median(times)) * 1e3, 3),
       'images_per_s': round(bsz / float(np.median(times)), 3),

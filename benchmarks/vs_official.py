@@ -35,9 +35,11 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import numpy as np  # noqa: E402
 
@@ -468,6 +470,7 @@ def main(argv=None):
     'runs': args.runs,
     'versions': versions(),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'malloc': runtime.describe_malloc(),  # both sides' workers inherit this process's environment
   }
   tasks = ([] if args.skip_infer else ['infer']) + ([] if args.skip_train else ['train'])
   for task in tasks:
@@ -476,7 +479,10 @@ def main(argv=None):
       results[f'{task}_ratio'] = None
     results[f'{task}_ratio'] = results[f'official_{task}']['ms'] / results[f'ours_{task}']['ms']
   print()
-  print(f'{results["machine"]}; {results["date"]}; device {args.device}; threads {args.threads}; {results["versions"]}')
+  print(
+    f'{results["machine"]}; {results["date"]}; device {args.device}; threads {args.threads}; {results["versions"]}; '
+    f'malloc (both sides): {results["malloc"]}'
+  )
   print(table(results))
   if args.json:
     with open(args.json, 'w') as f:

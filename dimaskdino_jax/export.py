@@ -24,7 +24,9 @@ with `load_exported(OUT)` (or `jax.export.deserialize(bytes).call(...)`): no mod
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import json  # noqa: E402
 

@@ -7,9 +7,10 @@ not parameters).
 """
 
 import argparse
-import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

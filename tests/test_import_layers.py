@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a layer may import its own modules and the layers it lists, nothing else):
 
-  base         dimaskdino_jax (package), box_ops, config
+  base         dimaskdino_jax (package), box_ops, config, runtime
   kernels      the Pallas / reference kernels (top-level package `kernels`)
   modeling     the Flax model
   losses       criterion, matcher
@@ -42,7 +42,7 @@ def layer_of(module: str) -> str:
     return 'kernels'
   if parts[0] != 'dimaskdino_jax':
     return 'entry'
-  if len(parts) == 1 or parts[1] in ('box_ops', 'config'):
+  if len(parts) == 1 or parts[1] in ('box_ops', 'config', 'runtime'):
     return 'base'
   if parts[1] == 'training' and parts[2:3] == ['checkpoint']:
     return 'checkpoints'

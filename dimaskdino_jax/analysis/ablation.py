@@ -22,9 +22,10 @@ WORKDIR/results.json, WORKDIR/table.md and WORKDIR/results.png.
 """
 
 import ast
-import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import sys  # noqa: E402
 

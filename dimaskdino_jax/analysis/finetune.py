@@ -18,7 +18,9 @@ Each run resumes when interrupted and is skipped when finished (its metrics.json
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+from dimaskdino_jax import runtime  # noqa: E402
+
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import json  # noqa: E402
 import sys  # noqa: E402

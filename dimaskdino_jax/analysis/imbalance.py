@@ -11,9 +11,9 @@ then prints AP box and AP mask with their relative drops from the standard setti
 writes WORKDIR/results.json, WORKDIR/table.md and WORKDIR/results.png. --config.a.b=value overrides the base config.
 """
 
-import os
+from dimaskdino_jax import runtime  # noqa: E402
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import sys  # noqa: E402
 

@@ -11,9 +11,9 @@ checkpoints/0 and config.json: evaluate it with eval.py --workdir OUT, or fine-t
 train.py --config.train.init_checkpoint=OUT.
 """
 
-import os
+from dimaskdino_jax import runtime  # noqa: E402
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables (a restart) as a script
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
