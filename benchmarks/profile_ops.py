@@ -9,9 +9,9 @@ r"""Where the time of a jitted R50 inference or training step goes, by model sta
 The same model, weights and inputs as benchmarks/vs_official.py (the official R50 COCO model drawn from
 tests/parity/fixture_io.FULL_SEED; inference: skimage's coffee at 800 x 1200 on an 800 x 1216 canvas; training: its
 two 512 x 512 photographs with 3 and 5 instances and train.py's jitted step). One call is traced with
-`jax.profiler.trace` after a warm-up call; every XLA op of the trace is attributed to the model path in its HLO
-metadata (`op_name`, e.g. `pixel_decoder/encoder_layers_3/self_attn`), cut to --depth components after the
-transformations (jvp / transpose / checkpoint) are removed, and summed. Prints a table of the stages by time
+`jax.profiler.trace` after --warmup untraced calls (default 1); every XLA op of the trace is attributed to the model
+path in its HLO metadata (`op_name`, e.g. `pixel_decoder/encoder_layers_3/self_attn`), cut to --depth components
+after the transformations (jvp / transpose / checkpoint) are removed, and summed. Prints a table of the stages by time
 (milliseconds of op execution, summed over the threads that ran them, and the share of the total op time) and the
 ten most expensive single ops; host callbacks (the Hungarian matching) appear under their own name.
 
@@ -235,6 +235,13 @@ def main(argv=None):
   parser.add_argument('--canvas', type=int, nargs=2, default=(800, 1216))
   parser.add_argument('--depth', type=int, default=3, help='model path components per stage')
   parser.add_argument('--config', default='configs/shapes.py', help='config file (--task demo-train)')
+  parser.add_argument(
+    '--warmup',
+    type=int,
+    default=1,
+    help='untraced calls before the traced one (under the malloc tunables the heap grows over the first 2-3 '
+    'training steps, which run slower: take 3 for a steady-state training step)',
+  )
   parser.add_argument('--json', default='')
   opts = parser.parse_args(argv)
   if opts.task in ('official-infer', 'official-train'):
@@ -269,8 +276,9 @@ def main(argv=None):
 
     args = (state, batch)
   t0 = time.perf_counter()
-  jax.block_until_ready(call(*args))
-  warm_s = time.perf_counter() - t0
+  for _ in range(max(1, opts.warmup)):
+    jax.block_until_ready(call(*args))
+  warm_s = time.perf_counter() - t0  # all the warm-up calls
   with tempfile.TemporaryDirectory() as out_dir:
     t0 = time.perf_counter()
     op_times = trace_op_times(call, args, out_dir)
