@@ -57,7 +57,7 @@ def configure(restart: bool = True) -> None:
   if not restart:
     return
   env = malloc_environment(dict(os.environ), glibc_version())
-  if env is None:
+  if env is None or not sys.executable:  # an embedded interpreter has no executable to start again
     return
   argv = list(getattr(sys, 'orig_argv', None) or [sys.executable, *sys.argv])  # orig_argv keeps `-m module`
   sys.stdout.flush()
