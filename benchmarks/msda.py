@@ -18,23 +18,23 @@ gets {"error": message} and the others still run.
 """
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimaskdino_jax import runtime  # noqa: E402
 
 # Must be set before jax is imported (docs/jax_notes.md: 14x on this op).
 if 'ynn_fusion_type' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_experimental_ynn_fusion_type=-reduce'
-  ).strip()
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + runtime.XLA_CPU_FLAGS).strip()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.ms_deform_attn as msda  # noqa: E402
 from kernels.ms_deform_attn import torch_reference  # noqa: E402
 

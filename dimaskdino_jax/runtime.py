@@ -11,8 +11,10 @@ Two settings, both of the process rather than of the program, and neither change
   faulted its temporaries in again, page by page (~48,000 minor faults and ~100 ms of kernel time per step of the
   demo's config). The tunables keep freed memory in the heap for reuse (`mmap_max=0`, a trim threshold of
   1 TB) and back what glibc does map with transparent huge pages (`hugetlb=1`: `madvise`, glibc >= 2.35;
-  earlier versions ignore it). Measured in BENCHMARKS.md ("The process's allocator"): the demo's jitted step
-  247 -> 191 ms. The cost: a process keeps its peak memory until it exits (the same peak as before).
+  earlier versions ignore it). Measured (docs/jax_notes.md, "glibc's malloc and XLA:CPU's temporaries";
+  BENCHMARKS.md, "Against the official code", session 22): the demo's jitted step 247 -> 191 ms. The cost: a
+  process keeps the memory it has freed until it exits, and fragments its heap more (the R50 training step's peak
+  RSS 8.7 -> 13.4 GiB; the demo's unchanged at 2.8 GB).
 
 Opt out with `DIMASKDINO_MALLOC=system` (no restart, glibc's defaults); a `GLIBC_TUNABLES` that already sets a
 `glibc.malloc.*` tunable is the user's and is kept as it is. Nothing happens outside Linux with glibc.
@@ -36,13 +38,18 @@ def glibc_version() -> tuple[int, int] | None:
     return None
 
 
+def _sets_malloc(tunables: str) -> bool:
+  """Whether a GLIBC_TUNABLES value sets any malloc tunable (ours after a restart, or the user's)."""
+  return 'glibc.malloc.' in tunables
+
+
 def malloc_environment(environ: dict[str, str], glibc: tuple[int, int] | None) -> dict[str, str] | None:
   """The environment to restart with for the malloc tunables, or None where the process should run as it is:
   not glibc, opted out, or `GLIBC_TUNABLES` already setting malloc (ours after a restart, or the user's)."""
   if glibc is None or environ.get(OPT_OUT, '').lower() == 'system':
     return None
   current = environ.get('GLIBC_TUNABLES', '')
-  if 'glibc.malloc.' in current:
+  if _sets_malloc(current):
     return None
   env = dict(environ)
   env['GLIBC_TUNABLES'] = f'{current}:{MALLOC_TUNABLES}' if current else MALLOC_TUNABLES
@@ -73,7 +80,7 @@ def describe_malloc() -> str:
   tunables = os.environ.get('GLIBC_TUNABLES', '')
   if glibc_version() is None:
     return 'not glibc'
-  return f'glibc tunables {tunables}' if 'glibc.malloc.' in tunables else 'glibc defaults'
+  return f'glibc tunables {tunables}' if _sets_malloc(tunables) else 'glibc defaults'
 
 
 def main(argv: list[str]) -> None:

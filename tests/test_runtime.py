@@ -47,10 +47,14 @@ print(f"{faults}|{os.environ.get('GLIBC_TUNABLES', '')}")
 """
 
 
+def _clean_env(**env):
+  """This environment without malloc settings, plus `env`."""
+  return {**{k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', runtime.OPT_OUT)}, **env}
+
+
 def _probe(**env):
-  clean = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', runtime.OPT_OUT)}
   out = subprocess.run(
-    [sys.executable, '-c', _PROBE], env={**clean, **env}, cwd=REPO, capture_output=True, text=True, check=True
+    [sys.executable, '-c', _PROBE], env=_clean_env(**env), cwd=REPO, capture_output=True, text=True, check=True
   )
   faults, tunables = out.stdout.strip().splitlines()[-1].split('|')
   return tunables, int(faults)
@@ -67,7 +71,6 @@ def test_restart_applies_the_tunables_and_blocks_are_reused():
 
 
 def test_the_command_runner_passes_the_tunables_on():
-  clean = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', runtime.OPT_OUT)}
   show = [sys.executable, '-c', "import os; print(os.environ.get('GLIBC_TUNABLES', ''))"]
   run = lambda env: subprocess.run(  # noqa: E731
     [sys.executable, '-m', 'dimaskdino_jax.runtime', *show],
@@ -78,5 +81,15 @@ def test_the_command_runner_passes_the_tunables_on():
     check=True,
   ).stdout.strip()
   expected = runtime.MALLOC_TUNABLES if runtime.glibc_version() else ''
-  assert run(clean) == expected
-  assert run({**clean, runtime.OPT_OUT: 'system'}) == ''
+  assert run(_clean_env()) == expected
+  assert run(_clean_env(**{runtime.OPT_OUT: 'system'})) == ''
+
+
+@pytest.mark.skipif(runtime.glibc_version() is None, reason='glibc only')
+def test_describe_malloc_names_the_settings_in_effect(monkeypatch):
+  monkeypatch.setenv('GLIBC_TUNABLES', runtime.MALLOC_TUNABLES)
+  assert runtime.describe_malloc() == f'glibc tunables {runtime.MALLOC_TUNABLES}'
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.rtld.nns=8')
+  assert runtime.describe_malloc() == 'glibc defaults'
+  monkeypatch.delenv('GLIBC_TUNABLES')
+  assert runtime.describe_malloc() == 'glibc defaults'

@@ -22,10 +22,12 @@ import shutil
 import sys
 import time
 
+from dimaskdino_jax import runtime
+
 mode = sys.argv[1]
 _DEVICES = {'devices': 8, 'process': 2}[mode]
 os.environ['XLA_FLAGS'] = (
-  f'--xla_force_host_platform_device_count={_DEVICES} --xla_cpu_experimental_ynn_fusion_type=-reduce '
+  f'--xla_force_host_platform_device_count={_DEVICES} {runtime.XLA_CPU_FLAGS} '
   '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false'
 )
 os.environ['JAX_PLATFORMS'] = 'cpu'
