@@ -21,10 +21,11 @@ runtime.configure(restart=__name__ == '__main__')  # XLA_FLAGS; malloc tunables 
 
 def split_cpu(num_devices: int) -> None:
   """Present the CPU to XLA as `num_devices` host devices (before jax starts), so the trainer's data-parallel step
-  runs one shard per device: on the 2-core development CPU one device keeps ~1.6 cores busy and two devices in one
-  process took 208 ms per step of 8 against 225-240 ms (BENCHMARKS.md). A device count already in XLA_FLAGS wins.
-  With as many devices as cores, host callbacks of more than ~100 KiB can deadlock in jax 0.10.2 (the R50 config's
-  point-loss top-k does; the demo's config stays below): docs/jax_notes.md, "Several host devices on a CPU"."""
+  runs one shard per device. A device count already in XLA_FLAGS wins. The demo's default is one device: under the
+  malloc tunables (runtime.py) one device trains configs/shapes.py as fast as two (4.50 / 4.47 and 4.41 / 3.91
+  steps/s) and compiles ~30 s sooner (BENCHMARKS.md, session 23). With as many devices as cores, host callbacks of
+  more than ~100 KiB can deadlock in jax 0.10.2 (the R50 config's point-loss top-k does; the demo's config stays
+  below): docs/jax_notes.md, "Several host devices on a CPU"."""
   flags = os.environ.get('XLA_FLAGS', '')
   if num_devices > 1 and 'xla_force_host_platform_device_count' not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={num_devices}'.strip()
@@ -42,7 +43,7 @@ def cpu_devices_for(config, requested: int, cpu_count: int) -> tuple[int, str | 
   return 1, (
     f'one host device instead of {requested}: this config hands ~{format_bytes(size)} to a host callback per device, '
     f'and with as many devices as the {cpu_count} cores that can deadlock (docs/jax_notes.md); '
-    '--cpu-devices or XLA_FLAGS set the count'
+    'XLA_FLAGS=--xla_force_host_platform_device_count=N sets the count regardless'
   )
 
 
@@ -59,9 +60,10 @@ def parse_args(argv=None):
   parser.add_argument(
     '--cpu-devices',
     type=int,
-    default=None,
-    help='XLA host devices on a CPU (data parallel across them; default: min(2, CPU count), or 1 where the '
-    "config's host callbacks are too large for that: cpu_devices_for)",
+    default=1,
+    help='XLA host devices on a CPU (data parallel across them; default 1: as fast as 2 on a 2-core CPU under the '
+    "malloc tunables, and it compiles sooner). More than 1 only where the config's host callbacks are small enough "
+    '(cpu_devices_for)',
   )
   args, config = parse_config_overrides(parser, sys.argv[1:] if argv is None else argv)
   if args.steps:
@@ -72,10 +74,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args, config = parse_args(argv)
-  devices, why = args.cpu_devices, None
-  if devices is None:  # not given: two where that is safe
-    cpus = os.cpu_count() or 1
-    devices, why = cpu_devices_for(config, min(2, cpus), cpus)
+  devices, why = cpu_devices_for(config, args.cpu_devices, os.cpu_count() or 1)
   if why:
     print(f'demo: {why}')
   split_cpu(devices)

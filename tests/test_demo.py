@@ -44,6 +44,7 @@ def test_demo_flags_apply_config_overrides_then_steps(capsys):
   assert tuple(c.optim.lr_drop_steps) == tuple(max(1, int(d * (n // 2) / n)) for d in drops)
   args, c = parse_args([])
   assert c.optim.lr == base.optim.lr and c.train.num_steps == n
+  assert args.cpu_devices == 1  # one host device unless asked (BENCHMARKS.md, session 23)
   with pytest.raises(SystemExit):
     parse_args(['--config.optim.no_such_field=1'])
   assert 'optim.no_such_field' in capsys.readouterr().err  # the error names the field
