@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dimaskdino_jax import runtime  # noqa: E402
 
 # Must be set before jax is imported (docs/jax_notes.md: 14x on this op).
-if 'ynn_fusion_type' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + runtime.XLA_CPU_FLAGS).strip()
+os.environ['XLA_FLAGS'] = runtime.with_cpu_flags(os.environ.get('XLA_FLAGS', ''))
 
 import argparse  # noqa: E402
 import json  # noqa: E402

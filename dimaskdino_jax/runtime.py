@@ -28,6 +28,12 @@ MALLOC_TUNABLES = 'glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.t
 OPT_OUT = 'DIMASKDINO_MALLOC'  # 'system': leave glibc's malloc as it is
 
 
+def with_cpu_flags(flags: str) -> str:
+  """`flags` (an XLA_FLAGS value) with XLA_CPU_FLAGS added unless it already sets the YNN fusion type: for processes
+  that keep a caller's XLA_FLAGS but need the tuned fusion too (the test run, benchmarks/msda.py)."""
+  return flags if 'ynn_fusion_type' in flags else f'{flags} {XLA_CPU_FLAGS}'.strip()
+
+
 def glibc_version() -> tuple[int, int] | None:
   """(major, minor) of the running glibc, or None (not Linux, or another C library such as musl)."""
   try:

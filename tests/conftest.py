@@ -7,9 +7,7 @@ import tempfile
 from dimaskdino_jax import runtime
 
 # The CPU fusion flag measured in docs/jax_notes.md (14x on deformable attention).
-_flags = os.environ.get('XLA_FLAGS', '')
-if 'ynn_fusion_type' not in _flags:
-  _flags += ' ' + runtime.XLA_CPU_FLAGS
+_flags = runtime.with_cpu_flags(os.environ.get('XLA_FLAGS', ''))
 # XLA's cheapest backend optimization: the suite compiles hundreds of programs of tiny models and runs each a few
 # times, so compiling is most of its time (the tiny training step: 51 s at the default level, 28 s here). Tests
 # that compare numbers compare programs compiled alike, or use tolerances (the parity tests already compiled their

@@ -93,3 +93,31 @@ def test_the_trainer_warns_where_host_callbacks_may_deadlock():
   assert callback_deadlock_warning(r50, mesh('cpu'), cpu_count=4) is None
   assert callback_deadlock_warning(r50, mesh('gpu'), cpu_count=2) is None
   assert callback_deadlock_warning(r50, mesh('cpu', 1), cpu_count=1) is None
+
+
+def test_the_demo_applies_the_callback_guard_to_a_requested_device_count(monkeypatch, capsys):
+  # main() decides the host devices before jax starts; a stand-in split_cpu stops it there. Asked for two devices on
+  # two cores, the R50 config (large host callbacks) gets one with the reason printed; the shapes config gets two.
+  import pytest
+
+  from dimaskdino_jax import demo
+
+  class Stop(Exception):
+    pass
+
+  chosen = []
+
+  def split_cpu(n):
+    chosen.append(n)
+    raise Stop
+
+  monkeypatch.setattr(demo, 'split_cpu', split_cpu)
+  monkeypatch.setattr(demo.os, 'cpu_count', lambda: 2)
+  for config, expected in (('configs/dimaskdino_r50_coco.py', 1), ('configs/shapes.py', 2)):
+    with pytest.raises(Stop):
+      demo.main(['--config', config, '--cpu-devices', '2'])
+    assert chosen[-1] == expected
+  assert 'one host device instead of 2' in capsys.readouterr().out
+  with pytest.raises(Stop):
+    demo.main([])
+  assert chosen[-1] == 1  # the default

@@ -93,3 +93,11 @@ def test_describe_malloc_names_the_settings_in_effect(monkeypatch):
   assert runtime.describe_malloc() == 'glibc defaults'
   monkeypatch.delenv('GLIBC_TUNABLES')
   assert runtime.describe_malloc() == 'glibc defaults'
+
+
+def test_with_cpu_flags_adds_the_fusion_flag_once():
+  assert runtime.with_cpu_flags('') == runtime.XLA_CPU_FLAGS
+  assert runtime.with_cpu_flags('--a=1') == f'--a=1 {runtime.XLA_CPU_FLAGS}'
+  mine = '--xla_cpu_experimental_ynn_fusion_type=none'  # a caller's own choice is kept
+  assert runtime.with_cpu_flags(mine) == mine
+  assert runtime.with_cpu_flags(runtime.with_cpu_flags('--a=1')) == runtime.with_cpu_flags('--a=1')
